@@ -78,11 +78,15 @@ class Slot:
         """Give the permit back without a group."""
         self._queue._release(self, ReleaseReason(reason))
 
+    @property
+    def held(self) -> bool:
+        return self.state == _HELD
+
     def __enter__(self) -> Slot:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.state == _HELD:
+        if self.held:
             self._queue._release(
                 self, ReleaseReason.FAILED if exc_type else ReleaseReason.CANCELLED
             )
@@ -349,6 +353,18 @@ class RolloutQueue:
             chosen.append(rest.popleft())
         self._queue = rest
         return chosen
+
+    def discard_queued(self, reason: ReleaseReason | str = ReleaseReason.CANCELLED) -> int:
+        """Drop the finished groups nobody will train on (the end of a run) and return
+        their permits. Allowed after close. Returns how many were dropped."""
+        reason = ReleaseReason(reason)
+        with self._lock:
+            dropped, self._queue = self._queue, collections.deque()
+            for version, _ in dropped:
+                self._drop_pending(version, 1)
+            self._released[reason.value] += len(dropped)
+            self._return_permits(len(dropped))
+            return len(dropped)
 
     def _drop_pending(self, version: int, k: int) -> None:
         left = self._pending_by_version[version] - k

@@ -297,3 +297,14 @@ def test_oldest_first_keeps_every_deadline_feasible():
     q.retire(1)
     assert q.get_batch(1) == ["young"]
     assert q.counters().max_staleness_seen == 2
+
+
+def test_discard_queued_returns_permits_after_close():
+    q = RolloutQueue(max_staleness=1, groups_per_step=2)
+    fill(q, 3)
+    q.get_batch(2)
+    q.retire(2)
+    q.close()
+    assert q.discard_queued() == 1
+    c = q.assert_drained()
+    assert c.released["cancelled"] == 1 and c.consumed == 2

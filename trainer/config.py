@@ -1,0 +1,431 @@
+"""The run configuration: typed sections, loaded from YAML plus dotted overrides.
+
+The dataclass defaults below are the one home of every default, and together they are
+the default run: SmolLM2-135M-Instruct learning arithmetic on a 2-core CPU.
+
+Precedence: defaults < YAML file < `section.key=value` overrides. Every value is
+type-checked against its field's annotation; an unknown key, a wrong type or a value out
+of range raises `ConfigError` with `key` set to the dotted key at fault, before any
+engine starts.
+
+    cfg = TrainerConfig.load("my.yaml", ["run.steps=3", "engine.devices=[1,2]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = "smollm2"
+    """a model directory (config.json + safetensors + tokenizer), or a built-in name:
+    "smollm2" (SmolLM2-135M-Instruct) or "tiny" (a small random Llama, for tests)"""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    steps: int = 30
+    """optimizer steps to train for"""
+    seed: int = 0
+    """seeds torch, the task's prompts and every engine request"""
+    output_dir: str = "runs/default"
+    """where checkpoints, metrics.jsonl and the final model go"""
+    checkpoint_every: int = 10
+    """save a checkpoint every this many steps"""
+    keep_checkpoints: int = 2
+    """keep the last this many checkpoints; older ones are deleted"""
+    resume: str = "auto"
+    """"auto": continue from the latest valid checkpoint in output_dir if there is one;
+    "never": start from step 0; any other value: the checkpoint directory to resume from"""
+    batch_timeout_s: float = 600.0
+    """longest wait for one batch of groups; worker health is checked all along, so this
+    only fires when every engine is alive, making progress, and still too slow"""
+
+
+@dataclasses.dataclass
+class AlgoConfig:
+    group_size: int = 8
+    """completions sampled per prompt (G); advantages are relative within a group"""
+    groups_per_step: int = 8
+    """prompts (groups) per optimizer step"""
+    max_staleness: int = 1
+    """how many policy versions generation may run ahead of training"""
+    lr: float = 2e-5
+    """AdamW learning rate (a 135M model learning an answer format in tens of steps)"""
+    clip_low: float = 0.2
+    """PPO clip: the ratio is clipped below at 1 - clip_low"""
+    clip_high: float = 0.28
+    """PPO clip: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher)"""
+    is_cap: float = 2.0
+    """truncated importance sampling: the policy/behaviour ratio is capped at this"""
+    scale_rewards: bool = True
+    """divide advantages by the group's reward std"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward pass; gradients accumulate over a step"""
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    count: int = 1
+    """vLLM engines (one worker thread each) when the engines run on CPU"""
+    devices: list[int] | None = None
+    """GPU ids for the engines, one engine per id; None: every GPU but the trainer's"""
+    kvcache_gib: int = 1
+    """KV cache per engine on CPU, in GiB (without a bound vLLM takes 92% of the RAM)"""
+    max_num_seqs: int = 64
+    """sequences an engine batches at once"""
+    max_model_len: int = 1024
+    """longest prompt + completion, in tokens"""
+    hang_timeout_s: float = 60.0
+    """an engine with requests in flight that produces nothing for this long is hung"""
+    start_timeout_s: float = 300.0
+    """longest wait for every engine to start"""
+    sync_timeout_s: float = 120.0
+    """longest wait for every engine to load new weights"""
+    shutdown_timeout_s: float = 30.0
+    """longest wait for the workers and engines to stop"""
+
+
+@dataclasses.dataclass
+class GenConfig:
+    max_tokens: int = 64
+    """most tokens per completion"""
+    temperature: float = 1.0
+    """sampling temperature; the loss uses the same temperature for the policy's log-probs"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    """"arithmetic": generated sums and differences; "jsonl": prompts and answers from a file"""
+    path: str | None = None
+    """the JSONL file, for name=jsonl: one JSON object per line"""
+    prompt_field: str = "prompt"
+    """JSONL field holding the user message"""
+    answer_field: str = "answer"
+    """JSONL field holding the reference answer"""
+    max_operand: int = 50
+    """arithmetic: operands are drawn from 0..max_operand"""
+
+
+@dataclasses.dataclass
+class TrainerDeviceConfig:
+    device: str = "auto"
+    """torch device of the policy: "auto" (cuda:0 if there is a GPU, else cpu), "cpu",
+    "cuda" or "cuda:N\""""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """policy dtype; "auto": float32 on CPU, bfloat16 on GPUs that support it"""
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    on_error: Literal["fail", "skip"] = "fail"
+    """when a reward function still fails after its last attempt: fail the run, or skip
+    the group (its permit is returned)"""
+    max_attempts: int = 3
+    """attempts per reward call on transient errors"""
+    timeout_s: float = 10.0
+    """longest time one reward call may take"""
+
+
+@dataclasses.dataclass
+class LogConfig:
+    format: Literal["auto", "json", "console"] = "auto"
+    """"auto": console on a terminal, JSON lines otherwise"""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """lowest level logged"""
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    gen: GenConfig = dataclasses.field(default_factory=GenConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    trainer: TrainerDeviceConfig = dataclasses.field(default_factory=TrainerDeviceConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    # ---- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | None = None, overrides: Iterable[str] = ()) -> TrainerConfig:
+        """Defaults, then the YAML file (if any), then the overrides; validated."""
+        cfg = cls.from_yaml(path) if path is not None else cls()
+        cfg.apply_overrides(overrides)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str) -> TrainerConfig:
+        """Defaults updated from a YAML file of sections (not validated: overrides may
+        still complete it; `load` validates)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from e
+        if data is None:  # an empty file: nothing to change
+            data = {}
+        return cls.from_dict(data, source=path)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> TrainerConfig:
+        """Defaults updated from {section: {key: value}} (a YAML file, or the resolved
+        config saved in a checkpoint). Not validated. Errors start with `source`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        cfg = cls()
+        for section, values in data.items():
+            if values is not None and not isinstance(values, Mapping):  # `algo:` alone is None
+                raise ConfigError(
+                    f"{source}: section '{section}' must be a mapping of keys, got {type(values).__name__}",
+                    key=str(section),
+                )
+            try:
+                cfg._section(str(section), dotted=str(section))
+                for key, value in (values or {}).items():
+                    cfg._set(f"{section}.{key}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}", key=e.key) from None
+        return cfg
+
+    def apply_overrides(self, overrides: Iterable[str]) -> TrainerConfig:
+        """Apply `section.key=value` strings in order; returns self.
+
+        Values are parsed as YAML ("3" -> 3, "[1,2]" -> [1, 2], "null" -> None), then
+        type-checked. A string field keeps the text as typed where YAML would read a
+        number or a bool ("run.output_dir=2024" is the string "2024")."""
+        for item in overrides:
+            dotted, sep, text = item.partition("=")
+            dotted = dotted.strip()
+            if not sep or not dotted:
+                raise ConfigError(f"override '{item}': expected section.key=value", key=dotted or None)
+            tp = self._field_type(dotted)  # an unknown key fails before its value is parsed
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{dotted}: cannot parse value '{text}' as YAML: {e}", key=dotted) from e
+            if isinstance(value, (bool, int, float)) and str in _accepted_types(tp):
+                value = text
+            self._set(dotted, value)
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The resolved config as plain data: for logs and checkpoints."""
+        return dataclasses.asdict(self)
+
+    # ---- validation -------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Types (again: code may have assigned fields directly), then range and
+        cross-field rules; raises ConfigError naming the key and the rule."""
+        for section in dataclasses.fields(self):
+            for key in _hints(type(getattr(self, section.name))):
+                dotted = f"{section.name}.{key}"
+                self._set(dotted, self._get(dotted))
+        run, algo, engine, gen, task = self.run, self.algo, self.engine, self.gen, self.task
+        rules: list[tuple[str, bool, str]] = [
+            ("run.steps", run.steps >= 1, "must be >= 1"),
+            ("run.checkpoint_every", run.checkpoint_every >= 1, "must be >= 1"),
+            ("run.keep_checkpoints", run.keep_checkpoints >= 1, "must be >= 1"),
+            ("run.output_dir", run.output_dir != "", "must not be empty"),
+            ("run.resume", run.resume != "", 'must be "auto", "never" or a checkpoint directory'),
+            ("run.batch_timeout_s", run.batch_timeout_s > 0, "must be > 0"),
+            ("model.path", self.model.path != "", "must not be empty"),
+            ("algo.group_size", algo.group_size >= 2, "must be >= 2 (advantages compare samples within a group)"),
+            ("algo.groups_per_step", algo.groups_per_step >= 1, "must be >= 1"),
+            ("algo.max_staleness", algo.max_staleness >= 0, "must be >= 0"),
+            ("algo.lr", algo.lr > 0, "must be > 0"),
+            ("algo.clip_low", 0 < algo.clip_low < 1, "must be 0 < clip_low < 1"),
+            ("algo.clip_high", algo.clip_high > 0, "must be > 0"),
+            ("algo.is_cap", algo.is_cap >= 1, "must be >= 1"),
+            ("algo.max_grad_norm", algo.max_grad_norm > 0, "must be > 0"),
+            ("algo.weight_decay", algo.weight_decay >= 0, "must be >= 0"),
+            ("algo.micro_batch_size", algo.micro_batch_size >= 1, "must be >= 1"),
+            ("engine.count", engine.count >= 1, "must be >= 1"),
+            (
+                "engine.devices",
+                engine.devices is None
+                or (engine.devices != [] and min(engine.devices) >= 0 and len(set(engine.devices)) == len(engine.devices)),
+                "must be null, or a non-empty list of distinct GPU ids >= 0",
+            ),
+            ("engine.kvcache_gib", engine.kvcache_gib >= 1, "must be >= 1 (vLLM takes whole GiB)"),
+            ("engine.max_num_seqs", engine.max_num_seqs >= 1, "must be >= 1"),
+            ("engine.max_model_len", engine.max_model_len >= 2, "must be >= 2"),
+            ("engine.hang_timeout_s", engine.hang_timeout_s > 0, "must be > 0"),
+            ("engine.start_timeout_s", engine.start_timeout_s > 0, "must be > 0"),
+            ("engine.sync_timeout_s", engine.sync_timeout_s > 0, "must be > 0"),
+            ("engine.shutdown_timeout_s", engine.shutdown_timeout_s > 0, "must be > 0"),
+            ("gen.max_tokens", gen.max_tokens >= 1, "must be >= 1"),
+            (
+                "gen.max_tokens",
+                gen.max_tokens < engine.max_model_len,
+                f"must be < engine.max_model_len ({engine.max_model_len}), leaving room for the prompt",
+            ),
+            ("gen.temperature", gen.temperature > 0, "must be > 0"),
+            ("gen.top_p", 0 < gen.top_p <= 1, "must be 0 < top_p <= 1"),
+            ("task.path", task.name != "jsonl" or bool(task.path), "is required when task.name is jsonl"),
+            ("task.prompt_field", task.prompt_field != "", "must not be empty"),
+            ("task.answer_field", task.answer_field != "", "must not be empty"),
+            ("task.max_operand", task.max_operand >= 1, "must be >= 1"),
+            (
+                "trainer.device",
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.trainer.device) is not None,
+                'must be "auto", "cpu", "cuda" or "cuda:N"',
+            ),
+            ("reward.max_attempts", self.reward.max_attempts >= 1, "must be >= 1"),
+            ("reward.timeout_s", self.reward.timeout_s > 0, "must be > 0"),
+        ]
+        for key, ok, rule in rules:
+            if not ok:
+                value = self._get(key)
+                raise ConfigError(f"{key}: {rule}, got {value!r}", key=key)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _section(self, name: str, dotted: str) -> Any:
+        """The section dataclass called `name`; `dotted` is the key being set, for errors."""
+        sections = [f.name for f in dataclasses.fields(self)]
+        if name not in sections:
+            raise ConfigError(
+                f"unknown config section '{name}' in '{dotted}'{_did_you_mean(name, sections)}. "
+                f"Valid sections: {', '.join(sections)}",
+                key=dotted,
+            )
+        return getattr(self, name)
+
+    def _field_type(self, dotted: str) -> Any:
+        """The annotation of `section.key`; raises ConfigError for an unknown key."""
+        section_name, dot, key = dotted.partition(".")
+        if not dot:
+            sections = [f.name for f in dataclasses.fields(self)]
+            owners = [f"{s}.{dotted}" for s in sections if dotted in _hints(type(getattr(self, s)))]
+            hint = f" (did you mean {' or '.join(repr(o) for o in owners)}?)" if owners else ""
+            raise ConfigError(f"config key '{dotted}' must be section.key{hint}", key=dotted)
+        hints = _hints(type(self._section(section_name, dotted)))
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key '{dotted}'{_did_you_mean(key, list(hints), prefix=section_name + '.')}. "
+                f"Valid keys in [{section_name}]: {', '.join(hints)}",
+                key=dotted,
+            )
+        return hints[key]
+
+    def _set(self, dotted: str, value: Any) -> None:
+        tp = self._field_type(dotted)
+        section_name, _, key = dotted.partition(".")
+        setattr(getattr(self, section_name), key, _coerce(value, tp, dotted))
+
+    def _get(self, dotted: str) -> Any:
+        section_name, _, key = dotted.partition(".")
+        return getattr(getattr(self, section_name), key)
+
+
+def _hints(section_cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation, in declaration order."""
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _accepted_types(tp: Any) -> tuple[Any, ...]:
+    """The members of `X | None`, or (tp,) for a plain annotation."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as the annotation `tp` asks, or ConfigError naming key, type and value.
+
+    Supported annotations: bool, int, float, str, Literal[...], list[X], X | None."""
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key=key)
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise wrong() from None
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise wrong()
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong()
+        (inner,) = typing.get_args(tp)
+        try:
+            return [_coerce(v, inner, key) for v in value]
+        except ConfigError:
+            raise wrong() from None
+    # bool is an int subclass: check it first, and never accept it as a number.
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong()
+        return value
+    if tp is float:
+        # YAML 1.1 reads "1e-5" (no dot) as a string: parse it here.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise wrong() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise wrong()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    raise TypeError(f"{key}: config.py cannot check the annotation {tp!r}")  # a bug in this file

@@ -1,0 +1,69 @@
+"""Metric names (their one home) and the per-step metrics record.
+
+Names are grouped by prefix, CleanRL style: `reward/`, `loss/`, `completion/`,
+`capacity/`, `staleness/`, `perf/`. The step log event, `metrics.jsonl` and the plots
+all use these constants.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+from typing import Any, Sequence
+
+STEP = "step"
+POLICY_VERSION = "policy_version"
+REWARD_MEAN = "reward/mean"
+REWARD_STD = "reward/std"
+REWARD_FRAC_ZERO_STD_GROUPS = "reward/frac_zero_std_groups"
+LOSS_POLICY = "loss/policy"
+LOSS_CLIP_FRAC = "loss/clip_frac"
+LOSS_IS_RATIO_MAX = "loss/is_ratio_max"
+LOSS_APPROX_KL = "loss/approx_kl"
+LOSS_GRAD_NORM = "loss/grad_norm"
+COMPLETION_MEAN_LEN = "completion/mean_len"
+COMPLETION_CLIPPED_FRAC = "completion/clipped_frac"
+CAPACITY_FREE = "capacity/free"
+CAPACITY_IN_FLIGHT = "capacity/in_flight"
+CAPACITY_QUEUED = "capacity/queued"
+STALENESS_MEAN = "staleness/mean"
+STALENESS_MAX = "staleness/max"
+PERF_GEN_TOKENS_PER_S = "perf/gen_tokens_per_s"
+PERF_STEP_S = "perf/step_s"
+PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
+PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
+PERF_TRAIN_S = "perf/train_s"
+# Largest |trainer log-prob - engine log-prob| over tokens of groups sampled entirely
+# under the current policy version: ~0 proves the engines hold the trainer's weights.
+SYNC_LOGPROB_MAX_DIFF = "sync/logprob_max_diff"
+
+
+def batch_metrics(groups: Sequence[Any], version: int) -> dict[str, float]:
+    """Reward, completion and staleness metrics of one batch of RolloutGroups,
+    consumed at policy `version`."""
+    rewards = [r for g in groups for r in g.rewards]
+    lengths = [len(c) for g in groups for c in g.completion_token_ids]
+    finish = [f for g in groups for f in g.finish_reasons]
+    staleness = [version - g.start_version for g in groups]
+    return {
+        REWARD_MEAN: statistics.fmean(rewards),
+        REWARD_STD: statistics.pstdev(rewards),
+        REWARD_FRAC_ZERO_STD_GROUPS: sum(len(set(g.rewards)) == 1 for g in groups) / len(groups),
+        COMPLETION_MEAN_LEN: statistics.fmean(lengths),
+        COMPLETION_CLIPPED_FRAC: sum(f == "length" for f in finish) / len(finish),
+        STALENESS_MEAN: statistics.fmean(staleness),
+        STALENESS_MAX: max(staleness),
+    }
+
+
+class MetricsFile:
+    """Appends one JSON object per step to RUN_DIR/metrics.jsonl."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

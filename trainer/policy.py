@@ -1,0 +1,114 @@
+"""The policy in torch: token log-probs of sampled completions, and its weights for sync."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class TokenBatch:
+    """Prompt + completion sequences, right-padded, in the "predicts the next token"
+    layout: column t holds what the model says about token t+1."""
+
+    input_ids: Tensor  # [N, T] prompt + completion + padding
+    attention_mask: Tensor  # [N, T]
+    completion_mask: Tensor  # [N, T-1] 1 where column t predicts a completion token
+    behaviour_logprobs: Tensor  # [N, T-1] vLLM's log-prob of that token (0 elsewhere)
+    num_tokens: int  # completion tokens in the batch
+
+    @staticmethod
+    def build(
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        behaviour: list[list[float]],
+        pad_id: int,
+        device: torch.device | str,
+    ) -> TokenBatch:
+        n = len(prompts)
+        t = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        input_ids = torch.full((n, t), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, t), dtype=torch.long)
+        completion_mask = torch.zeros((n, t - 1), dtype=torch.float32)
+        behaviour_lp = torch.zeros((n, t - 1), dtype=torch.float32)
+        for i, (p, c, b) in enumerate(zip(prompts, completions, behaviour)):
+            seq = p + c
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, : len(seq)] = 1
+            # Column len(p)-1 predicts the first completion token.
+            start, end = len(p) - 1, len(p) - 1 + len(c)
+            completion_mask[i, start:end] = 1.0
+            behaviour_lp[i, start:end] = torch.tensor(b, dtype=torch.float32)
+        return TokenBatch(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            completion_mask=completion_mask.to(device),
+            behaviour_logprobs=behaviour_lp.to(device),
+            num_tokens=int(completion_mask.sum().item()),
+        )
+
+    def select(self, rows: Tensor) -> TokenBatch:
+        """The sub-batch of the given row indices (a micro-batch)."""
+        mask = self.completion_mask[rows]
+        return TokenBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            completion_mask=mask,
+            behaviour_logprobs=self.behaviour_logprobs[rows],
+            num_tokens=int(mask.sum().item()),
+        )
+
+
+def token_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Tensor:
+    """Log-prob under the policy of each next token: [N, T-1]. Logits are divided by the
+    sampling temperature, so they match vLLM's processed log-probs."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits[:, :-1].float()  # [N, T-1, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [N, T-1, 1]
+    # log_softmax then gather, written as logit - logsumexp to avoid a second [N, T-1, V] tensor.
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype) -> bytes:
+    """The policy's weights as safetensors bytes in the engine's dtype, for the sync.
+
+    `named_parameters` lists a tied weight (lm_head = embed_tokens) once, which
+    safetensors requires; vLLM reties it on load."""
+    tensors = {
+        name: p.detach().to(device="cpu", dtype=dtype).contiguous()
+        for name, p in model.named_parameters()
+    }
+    return safetensors.torch.save(tensors)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on GPUs that support it, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def greedy_continuation(model: torch.nn.Module, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy decode in torch, for comparing the policy with the engine after a sync."""
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+    return out
+

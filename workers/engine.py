@@ -1,0 +1,319 @@
+"""Adapter over one `vllm.LLMEngine` (V1, multiprocess mode): the only vLLM surface the
+worker thread uses.
+
+Threading: `submit`, `step`, `abort`, `num_unfinished` and `load_weights` belong to the
+one thread that owns the engine (vLLM's engine is not thread-safe). `is_alive`,
+`process_pids`, `wake_blocked` and `shutdown` may be called from any thread: they are
+what a watchdog uses to free an owner thread stuck inside `step` or `load_weights` after
+the engine died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+import vllm
+from vllm import EngineArgs, LLMEngine, SamplingParams
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from workers.weight_sync import WORKER_EXTENSION
+
+logger = logging.getLogger(__name__)
+
+# vLLM edits os.environ while it builds an engine, and so do we (the KV cache size).
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # behaviour log-prob of each sampled token
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    # (version, start, end): tokens [start, end) were sampled under weights `version`,
+    # as labelled by `Engine.load_weights(..., version=)`; "default" before any label.
+    weight_versions: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class FinishedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]  # n of them: one GRPO group
+
+
+class _ClientInternals:
+    """Every private piece of vLLM this module touches, looked up once at engine start
+    so that a vLLM upgrade that renames them fails at start, loudly, not at the first
+    engine death.
+
+    vLLM 0.32, vllm/v1/engine/core_client.py (MPClient, SyncMPClient) and
+    vllm/v1/engine/utils.py (CoreEngineProcManager):
+      client.resources.engine_dead         set within ~40 ms by the client's monitor
+                                           thread when an EngineCore process dies
+      client.resources.engine_manager.processes
+                                           the EngineCore multiprocessing.Process(es)
+      client.outputs_queue                 LLMEngine.step() blocks in get() on it, with
+                                           no timeout; nothing is put on it at death
+      client.utility_results               call_id -> Future; collective_rpc blocks in
+                                           future.result() with no timeout
+    """
+
+    def __init__(self, client: object):
+        try:
+            self._resources = client.resources
+            self.engine_dead()  # fails here, not at the first death, if the flag is gone
+            self.processes = list(self._resources.engine_manager.processes)
+            self._outputs_queue = client.outputs_queue
+            self._utility_results = client.utility_results
+        except AttributeError as e:
+            raise RuntimeError(
+                f"vLLM {vllm.__version__}: the engine client {type(client).__name__} lacks an "
+                f"attribute workers/engine.py relies on to detect and unblock a dead engine "
+                f"({e}); update _ClientInternals for this vLLM version"
+            ) from e
+        if not isinstance(self._outputs_queue, queue.Queue) or not isinstance(self._utility_results, dict):
+            raise RuntimeError(
+                f"vLLM {vllm.__version__}: {type(client).__name__}.outputs_queue / utility_results "
+                "changed type; update _ClientInternals for this vLLM version"
+            )
+
+    def engine_dead(self) -> bool:
+        return bool(self._resources.engine_dead)
+
+    def wake_threads_blocked(self) -> None:
+        """Raise EngineDeadError in every thread blocked in step() or collective_rpc."""
+        self._outputs_queue.put_nowait(EngineDeadError())
+        for future in list(self._utility_results.values()):
+            if not future.done():
+                try:
+                    future.set_exception(EngineDeadError())
+                except Exception:  # InvalidStateError: resolved concurrently
+                    pass
+
+
+class Engine:
+    """One vLLM engine: submit groups of `n` samples, step, sync weights, shut down.
+
+    `logprobs_mode` is "processed_logprobs" so that the returned behaviour log-probs are
+    those of the distribution actually sampled (after temperature and top-p); with
+    temperature 1 and top-p 1 it equals the raw log-probs.
+    `kvcache_gib` sizes the KV cache on CPU; on a GPU `gpu_memory_utilization` does.
+    Prefix caching is off: after a weight sync the cached prefix blocks would hold KV
+    computed with the old weights and new requests would silently reuse it.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        index: int = 0,
+        kvcache_gib: int = 1,
+        max_model_len: int = 1024,
+        max_num_seqs: int = 64,
+        seed: int = 0,
+        dtype: str = "auto",
+        logprobs_mode: str = "processed_logprobs",
+        device_id: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = True,
+    ):
+        self.index = index
+        args = EngineArgs(
+            model=str(model_path),
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+            dtype=dtype,
+            logprobs_mode=logprobs_mode,
+            device_ids=None if device_id is None else [device_id],
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=False,
+            worker_extension_cls=WORKER_EXTENSION,
+            disable_log_stats=True,
+        )
+        self._pending: dict[str, list[int]] = {}
+        self._shutdown_lock = threading.Lock()
+        self._closed = False
+        started = time.monotonic()
+        with _BUILD_LOCK:
+            saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kvcache_gib)  # read on CPU only
+            try:
+                self._llm = LLMEngine.from_engine_args(args, enable_multiprocessing=True)
+            finally:
+                if saved is None:
+                    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+                else:
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+        try:
+            self._internals = _ClientInternals(self._llm.engine_core)
+            self._processes = _with_descendants(self._internals.processes)
+        except BaseException:
+            self._llm.engine_core.shutdown()
+            raise
+        self.dtype: torch.dtype = self._llm.model_config.dtype
+        self.start_seconds = time.monotonic() - started
+        logger.info(
+            "engine %d started in %.1f s on %s (dtype %s, pids %s)",
+            index, self.start_seconds, current_platform.device_type, self.dtype, self.process_pids(),
+        )
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        if request_id in self._pending:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        params = SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,  # child i of the group gets seed + i
+            logprobs=0,  # only the sampled token's log-prob
+            flat_logprobs=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        (prompt,) = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(prompt_token_ids)}])
+        self._llm.add_request(request_id, prompt, params)
+        self._pending[request_id] = list(prompt_token_ids)
+
+    def step(self) -> list[FinishedRequest]:
+        """One engine step; returns the groups that finished in it (often none)."""
+        # With nothing in flight the engine sends nothing and step() would block forever.
+        if not self._llm.has_unfinished_requests():
+            return []
+        finished = []
+        for out in self._llm.step():
+            if not out.finished:
+                continue
+            prompt = self._pending.pop(out.request_id, None)
+            if prompt is None:  # aborted while its last output was on the way
+                continue
+            finished.append(
+                FinishedRequest(out.request_id, prompt, [_completion(c) for c in out.outputs])
+            )
+        return finished
+
+    def num_unfinished(self) -> int:
+        """Groups submitted and neither returned by step() nor aborted."""
+        return len(self._pending)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._llm.abort_request(list(request_ids))
+        for request_id in request_ids:
+            self._pending.pop(request_id, None)
+
+    def load_weights(self, data: bytes, version: int | str | None = None) -> int:
+        """Replace the weights with safetensors `data` (HF names, already in `self.dtype`).
+
+        Requests in flight continue on the new weights; `version` labels the tokens
+        sampled from now on (see Completion.weight_versions). Returns the tensor count.
+        """
+        counts = self._llm.collective_rpc("load_weights_from_bytes", args=(data,))
+        if version is not None:
+            self._llm.engine_core.set_weight_version(str(version))
+        return counts[0]
+
+    def is_alive(self) -> bool:
+        """Never blocks: the dead flag vLLM's monitor sets, and the processes themselves."""
+        if self._closed or self._internals.engine_dead():
+            return False
+        return all(_running(p) for p in self._processes)
+
+    def process_pids(self) -> list[int]:
+        """EngineCore first, then the processes it had started once the engine was up."""
+        return [p.pid for p in self._processes]
+
+    def wake_blocked(self) -> None:
+        """Make a thread blocked in step() or load_weights() raise EngineDeadError.
+
+        vLLM 0.32 leaves such a thread blocked forever when EngineCore dies; a watchdog
+        calls this once is_alive() turns False. On a live engine it would make the next
+        step() fail, so only call it on an engine being given up.
+        """
+        self._internals.wake_threads_blocked()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine and its processes within about `timeout` s; idempotent."""
+        with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        # vLLM's own shutdown is bounded in normal cases; the thread makes sure a surprise
+        # cannot hold this call, and the processes are killed by PID below regardless.
+        stopper = threading.Thread(
+            target=self._llm.engine_core.shutdown, kwargs={"timeout": timeout / 2},
+            name=f"engine-{self.index}-shutdown", daemon=True,
+        )
+        stopper.start()
+        stopper.join(max(0.0, deadline - time.monotonic() - 1.0))
+        if stopper.is_alive():
+            logger.warning("engine %d: vLLM shutdown did not finish in time; killing its processes", self.index)
+        _terminate(self._processes, deadline)
+        self._internals.wake_threads_blocked()
+
+
+def _completion(c) -> Completion:
+    token_ids = list(c.token_ids)
+    logprobs = list(c.logprobs.logprobs) if c.logprobs is not None else []
+    if len(logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
+    spans = [(s.version, s.start, s.end) for s in c.weight_versions or []]
+    return Completion(token_ids, logprobs, c.text, c.finish_reason, spans)
+
+
+def _with_descendants(processes) -> list[psutil.Process]:
+    # Taken while the engine is up: once EngineCore dies its children are re-parented
+    # and can no longer be found from it.
+    found = []
+    for proc in processes:
+        core = psutil.Process(proc.pid)
+        found += [core, *core.children(recursive=True)]
+    return found
+
+
+def _running(p: psutil.Process) -> bool:
+    # psutil.Process.is_running() also guards against a recycled PID.
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _terminate(processes: list[psutil.Process], deadline: float) -> None:
+    alive = [p for p in processes if _running(p)]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=1.0)
+    if alive:
+        logger.error("engine processes still alive after SIGKILL: %s", [p.pid for p in alive])

@@ -1,0 +1,224 @@
+"""The supervisor: starts the generation workers, watches them, re-raises their errors.
+
+Like `concurrent.futures`, a worker's exception becomes a value: the first one is
+recorded, the rollout queue is closed with it as the cause (which wakes every blocked
+thread), and `check()` raises it in the caller. A broken supervisor refuses new work.
+
+A watchdog thread covers what vLLM does not raise by itself:
+* liveness: a dead engine leaves the worker blocked inside `step()` forever, so the
+  watchdog polls `engine.is_alive()` and, when it turns false, records
+  `EngineDeadError` and wakes the blocked thread (`engine.wake_blocked()`);
+* progress: an engine that is alive but produces nothing (SIGSTOPped, deadlocked) for
+  `hang_timeout_s` while it has requests in flight fails the run with `EngineHung`,
+  after logging every thread's stack.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+import threading
+import time
+import traceback
+from typing import Callable
+
+import structlog
+
+from capacity import RolloutQueue
+from workers.engine import EngineDeadError
+from workers.worker import GenerationWorker
+
+log = structlog.get_logger(__name__)
+
+
+class EngineHung(RuntimeError):
+    """An engine with requests in flight made no progress for hang_timeout_s."""
+
+
+class EngineStartTimeout(RuntimeError):
+    """An engine did not finish starting within engine.start_timeout_s."""
+
+
+class WeightSyncTimeout(RuntimeError):
+    """A worker did not acknowledge new weights in time."""
+
+
+class SupervisorBroken(RuntimeError):
+    """The supervisor already failed or shut down and refuses new work."""
+
+
+def log_thread_stacks(reason: str) -> None:
+    """One structured event per live thread, with its current stack as a list of frames."""
+    frames = sys._current_frames()
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident)
+        if frame is None:
+            continue
+        stack = [
+            {"file": f.filename, "line": f.lineno, "function": f.name, "code": f.line}
+            for f in traceback.extract_stack(frame)
+        ]
+        log.error("thread_stack", reason=reason, thread_name=thread.name, daemon=thread.daemon, stack=stack)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        queue: RolloutQueue,
+        make_worker: Callable[[int, Callable, threading.Event], GenerationWorker],
+        count: int,
+        hang_timeout_s: float = 60.0,
+        watch_interval_s: float = 0.05,
+    ):
+        self.queue = queue
+        self.hang_timeout_s = hang_timeout_s
+        self.watch_interval_s = watch_interval_s
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._error_worker: GenerationWorker | None = None
+        self._closed = False
+        self._watchdog_stop = threading.Event()
+        self.start_gate = threading.Event()  # set once every engine is up
+        self.workers: list[GenerationWorker] = [
+            make_worker(i, self._record_error, self.start_gate) for i in range(count)
+        ]
+        self._watchdog: threading.Thread | None = None
+        self.error_detected_at: float | None = None  # monotonic time of the first error
+
+    # ---- start ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every worker (each builds its engine) and the watchdog. Threads start
+        under a copy of the caller's context, so bound log context (run_id) carries over."""
+        for w in self.workers:
+            w.start()
+        ctx = contextvars.copy_context()
+        self._watchdog = threading.Thread(
+            target=ctx.run, args=(self._watch,), name="watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every engine is built, then let generation start; raises the first
+        worker error meanwhile."""
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            while not w.ready.wait(0.1):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise EngineStartTimeout(f"{w.name}: engine not started after {timeout:.0f}s")
+        self.check()
+        self.start_gate.set()
+
+    # ---- errors ---------------------------------------------------------------------
+
+    def _record_error(self, worker: GenerationWorker | None, error: BaseException) -> None:
+        with self._lock:
+            first = self._error is None
+            if first:
+                self._error = error
+                self._error_worker = worker
+                self.error_detected_at = time.monotonic()
+                where = f"worker {worker.name} (engine {worker.index})" if worker else "watchdog"
+                error.add_note(f"raised in {where}")
+        if first:
+            log.error(
+                "worker_failed",
+                error_type=type(error).__name__,
+                error=str(error),
+                worker=worker.name if worker else None,
+                engine=worker.index if worker else None,
+            )
+            self.queue.close(error)  # wakes every acquire and get_batch
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def failed_worker(self) -> GenerationWorker | None:
+        return self._error_worker
+
+    def check(self) -> None:
+        """Raise the first worker error in the caller (the original exception, with a
+        note naming the worker and engine)."""
+        if self._error is not None:
+            raise self._error
+
+    # ---- weights --------------------------------------------------------------------
+
+    def broadcast_weights(self, data: bytes, version: int, timeout: float) -> float:
+        """Send safetensors bytes to every worker and wait until every engine holds them.
+        Returns the seconds it took."""
+        if self._closed:
+            raise SupervisorBroken("broadcast_weights after shutdown")
+        self.check()
+        t0 = time.monotonic()
+        done = [(w, w.load_weights(data, version)) for w in self.workers]
+        deadline = t0 + timeout
+        for w, event in done:
+            while not event.wait(0.05):
+                self.check()
+                if not w.is_alive():
+                    raise SupervisorBroken(f"{w.name} stopped before loading weights v{version}")
+                if time.monotonic() > deadline:
+                    raise WeightSyncTimeout(f"{w.name} did not load weights v{version} within {timeout:.0f}s")
+        return time.monotonic() - t0
+
+    # ---- watchdog -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._watchdog_stop.wait(self.watch_interval_s):
+            if self._error is not None:
+                return
+            for w in self.workers:
+                engine = w.engine
+                if engine is None or not w.is_alive():
+                    continue
+                if not engine.is_alive():
+                    self._record_error(w, EngineDeadError(f"engine {w.index} died (detected by the watchdog)"))
+                    engine.wake_blocked()
+                    return
+                stalled = time.monotonic() - w.last_progress
+                if w.in_flight() and stalled > self.hang_timeout_s:
+                    log_thread_stacks(reason=f"engine {w.index} made no progress for {stalled:.1f}s")
+                    self._record_error(
+                        w,
+                        EngineHung(
+                            f"engine {w.index} made no progress for {stalled:.1f}s "
+                            f"with {w.in_flight()} groups in flight (engine.hang_timeout_s={self.hang_timeout_s})"
+                        ),
+                    )
+                    engine.wake_blocked()
+                    return
+
+    # ---- stop -----------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 30.0) -> list[str]:
+        """Close the queue, stop and join the workers (each shuts its engine down), stop
+        the watchdog. Returns the names of threads that did not stop in time; their
+        engines are shut down from here. A second call does nothing."""
+        if self._closed:
+            return []
+        self._closed = True
+        # The watchdog goes first: engines shutting down on purpose are not failures.
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(1.0)
+        self.queue.close(self._error)
+        for w in self.workers:
+            w.stop()
+        deadline = time.monotonic() + timeout
+        stuck = []
+        for w in self.workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                stuck.append(w.name)
+        for w in self.workers:
+            if w.name in stuck and w.engine is not None:
+                # The thread is stuck inside a vLLM call: wake it and take the engine down.
+                w.engine.wake_blocked()
+                w.engine.shutdown()
+        if stuck:
+            log.error("threads_did_not_stop", threads=stuck, timeout_s=timeout)
+        return stuck
