@@ -23,6 +23,7 @@ and traceback; 2 bad config or input (`config_error` event); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -41,6 +42,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    # The final event is the run's last word for ops tooling: vLLM's finalizers log
+    # "[shutdown] ..." records at interpreter exit, after everything is already down.
+    logging.disable(logging.CRITICAL)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Defaults before anything imports vLLM: a bounded KV cache on CPU.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -58,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("config_error", key=e.key, error=str(e))
         return ExitCode.BAD_INPUT
-    if args.log_format is None and cfg.log.format != "auto":
-        configure_logging(cfg.log.format, cfg.log.level)
+    configure_logging(args.log_format or cfg.log.format, cfg.log.level)
 
     from trainer.trainer import Trainer
 

@@ -164,8 +164,10 @@ class Trainer:
             groups = self._get_batch(B)
             t_batch = time.monotonic()
             version = self.queue.version
+            log.debug("phase", phase="train")
             loss_stats = self._train_on(groups)
             t_trained = time.monotonic()
+            log.debug("phase", phase="sync")
             sync_s = self.supervisor.broadcast_weights(
                 weights_to_bytes(self.policy, self.engine_dtype), version + 1, cfg.engine.sync_timeout_s
             )
@@ -234,6 +236,7 @@ class Trainer:
             sub = batch.select(idx)
             if sub.num_tokens == 0:
                 continue
+            self.supervisor.check()  # a long step on a big model should not delay a worker error
             logprobs = token_logprobs(self.policy, sub, cfg.gen.temperature)
             loss, s = policy_loss(
                 logprobs, sub.behaviour_logprobs, advantages[idx], sub.completion_mask,

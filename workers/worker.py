@@ -104,6 +104,8 @@ class _Active:
 
 
 class GenerationWorker(threading.Thread):
+    SHUTDOWN_S = 10.0  # engine shutdown bound after a clean stop
+    FAILED_SHUTDOWN_S = 2.0  # ... and after the engine failed
     def __init__(
         self,
         index: int,
@@ -164,6 +166,7 @@ class GenerationWorker(threading.Thread):
 
     def _run(self) -> None:
         structlog.contextvars.bind_contextvars(worker=self.name, engine=self.index)
+        failed = False
         try:
             self.engine = self._build_engine()
             self.ready.set()
@@ -172,7 +175,9 @@ class GenerationWorker(threading.Thread):
                 self._apply_inbox()
                 if self._stopping:
                     return
-            log.info("worker_started", max_groups_in_flight=self._max_groups)
+            log.info(
+                "worker_started", max_groups_in_flight=self._max_groups, engine_pids=self.engine.process_pids()
+            )
             while not self._stopping:
                 self._apply_inbox()
                 if self._stopping:
@@ -186,12 +191,15 @@ class GenerationWorker(threading.Thread):
         except QueueClosed:
             pass  # shutdown, or another thread failed first: nothing to report from here
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, never swallowed
+            failed = True
             self._on_error(self, e)
         finally:
             self.ready.set()
             self._release_all(ReleaseReason.CANCELLED)
             if self.engine is not None:
-                self.engine.shutdown()
+                # A failed engine (dead, or stopped and unable to act on SIGTERM) is not
+                # worth a graceful wait: its processes are killed by PID after this.
+                self.engine.shutdown(timeout=self.FAILED_SHUTDOWN_S if failed else self.SHUTDOWN_S)
             log.info("worker_stopped", **self.stats)
 
     def _apply_inbox(self) -> None:
