@@ -15,13 +15,13 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import psutil
 import torch
 import vllm
 from vllm import EngineArgs, LLMEngine, SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -181,6 +181,8 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> None:
+        """Queue one group: `n` samples of the prompt. A prompt that does not fit in
+        max_model_len raises ValueError here."""
         if request_id in self._pending:
             raise ValueError(f"request {request_id!r} is already in flight")
         params = SamplingParams(
@@ -193,12 +195,16 @@ class Engine:
             flat_logprobs=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        (prompt,) = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(prompt_token_ids)}])
+        try:
+            (prompt,) = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(prompt_token_ids)}])
+        except VLLMValidationError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from e
         self._llm.add_request(request_id, prompt, params)
         self._pending[request_id] = list(prompt_token_ids)
 
     def step(self) -> list[FinishedRequest]:
         """One engine step; returns the groups that finished in it (often none)."""
+        self._raise_if_dead()
         # With nothing in flight the engine sends nothing and step() would block forever.
         if not self._llm.has_unfinished_requests():
             return []
@@ -229,6 +235,7 @@ class Engine:
         Requests in flight continue on the new weights; `version` labels the tokens
         sampled from now on (see Completion.weight_versions). Returns the tensor count.
         """
+        self._raise_if_dead()
         counts = self._llm.collective_rpc("load_weights_from_bytes", args=(data,))
         if version is not None:
             self._llm.engine_core.set_weight_version(str(version))
@@ -239,6 +246,13 @@ class Engine:
         if self._closed or self._internals.engine_dead():
             return False
         return all(_running(p) for p in self._processes)
+
+    def _raise_if_dead(self) -> None:
+        # vLLM would block forever in a call made after the engine died (a watchdog's
+        # wake_blocked() frees only the calls already waiting), and its own dead flag
+        # can lag the process's death.
+        if not self.is_alive():
+            raise EngineDeadError()
 
     def process_pids(self) -> list[int]:
         """EngineCore first, then the processes it had started once the engine was up."""

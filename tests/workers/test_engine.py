@@ -122,6 +122,10 @@ def test_sigkill_mid_generation_unblocks_step(tiny_model_path):
               f"(watchdog saw death after {watchdog.woke_at - killed_at:.3f} s)")
         assert not engine.is_alive()
         watchdog.stop.set()
+        again = Caller(engine.step)  # a second call must not block either
+        again.start()
+        again.join(2)
+        assert isinstance(again.error, EngineDeadError), repr(again.error)
     finally:
         engine.shutdown()
     assert_all_gone(pids)
@@ -216,7 +220,7 @@ def test_step_without_requests_returns_at_once(tiny_engine):
 
 
 def test_prompt_too_long_is_refused_at_submit(tiny_engine):
-    with pytest.raises(ValueError, match="longer than the maximum model length"):
+    with pytest.raises(ValueError, match="maximum context length"):
         tiny_engine.submit("long", [1] * 600, n=2, max_tokens=4)
     assert tiny_engine.num_unfinished() == 0
     assert tiny_engine.step() == []
