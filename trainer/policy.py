@@ -99,16 +99,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def greedy_continuation(model: torch.nn.Module, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Greedy decode in torch, for comparing the policy with the engine after a sync."""
-    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    out = []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-    return out
-

@@ -142,6 +142,7 @@ class Engine:
             enable_prefix_caching=False,
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            **_no_partial_prefill(max_model_len),
         )
         self._pending: dict[str, list[int]] = {}
         self._shutdown_lock = threading.Lock()
@@ -286,6 +287,19 @@ class Engine:
             logger.warning("engine %d: vLLM shutdown did not finish in time; killing its processes", self.index)
         _terminate(self._processes, deadline)
         self._internals.wake_threads_blocked()
+
+
+def _no_partial_prefill(max_model_len: int) -> dict:
+    """On CPU, never split a prompt across steps.
+
+    vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill
+    with `Generator.set_offset`, which a CPU generator does not have: the engine dies
+    with "CPU Generator does not use offset" as soon as a batch of seeded prompts
+    overflows the step's token budget. Without chunked prefill a prompt that does not
+    fit waits for the next step whole; the budget must then hold the longest one."""
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
 
 
 def _completion(c) -> Completion:

@@ -9,11 +9,11 @@ import time
 
 import psutil
 import pytest
-import safetensors.torch
 import torch
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from trainer.models import load_policy
+from trainer.policy import weights_to_bytes
 from workers.engine import Engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(240)]
@@ -46,11 +46,6 @@ def greedy_torch(model, prompt, max_tokens=16):
         next_id = model(ids).logits[0, -1].argmax()
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0, len(prompt):].tolist()
-
-
-def weights_bytes(model, dtype) -> bytes:
-    # named_parameters, not state_dict: the tied lm_head would be a second, shared tensor.
-    return safetensors.torch.save({k: v.detach().to(dtype).contiguous() for k, v in model.named_parameters()})
 
 
 # The kill tests build their own engines; they come first so that the shared engine
@@ -135,7 +130,7 @@ def test_sigkill_during_load_weights_unblocks_it(tiny_model_path):
     engine = Engine(tiny_model_path, max_model_len=512)
     pids = engine.process_pids()
     model, _ = load_policy(tiny_model_path, "cpu", engine.dtype)
-    data = weights_bytes(model, engine.dtype)
+    data = weights_to_bytes(model, engine.dtype)
     try:
         # Stopped first, so that the call is certainly waiting for its answer when the
         # kill lands (a weight load on the tiny model takes well under a second).
@@ -242,7 +237,7 @@ def test_weight_sync_matches_torch(tiny_engine, tiny_model_path):
     model, _ = load_policy(tiny_model_path, "cpu", torch.float32)
     before = [greedy_engine(tiny_engine, p) for p in PROMPTS]
     assert before == [greedy_torch(model, p) for p in PROMPTS]
-    original = weights_bytes(model, tiny_engine.dtype)
+    original = weights_to_bytes(model, tiny_engine.dtype)
 
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -250,7 +245,7 @@ def test_weight_sync_matches_torch(tiny_engine, tiny_model_path):
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     try:
         started = time.monotonic()
-        count = tiny_engine.load_weights(weights_bytes(model, tiny_engine.dtype), version=1)
+        count = tiny_engine.load_weights(weights_to_bytes(model, tiny_engine.dtype), version=1)
         print(f"weight sync (tiny, {len(original) / 2**20:.0f} MiB): {time.monotonic() - started:.3f} s")
         assert count == len(list(model.named_parameters()))
         after = [greedy_engine(tiny_engine, p) for p in PROMPTS]
@@ -262,3 +257,15 @@ def test_weight_sync_matches_torch(tiny_engine, tiny_model_path):
     finally:
         tiny_engine.load_weights(original, version=0)
     assert [greedy_engine(tiny_engine, p) for p in PROMPTS] == before
+
+
+def test_seeded_prompts_beyond_one_step_budget(tiny_engine):
+    """More seeded prompt tokens than one step's budget (2048) used to kill the CPU
+    engine: vLLM rewinds a seeded generator after a partial prefill, which CPU
+    generators cannot do ("CPU Generator does not use offset")."""
+    prompt = (PROMPTS[0] * 30)[:200]
+    for i in range(12):  # 12 groups x 4 samples x 200 prompt tokens = 9600 tokens
+        tiny_engine.submit(f"p{i}", prompt, n=4, max_tokens=4, seed=i)
+    finished = run_to_completion(tiny_engine)
+    assert sorted(finished) == sorted(f"p{i}" for i in range(12))
+    assert all(len(c.token_ids) == 4 for f in finished.values() for c in f.completions)
