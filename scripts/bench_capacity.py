@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from capacity import QueueClosed, RolloutQueue  # noqa: E402
+from scripts.benchlib import record, table  # noqa: E402
 
 
 class ConditionQueue:
@@ -97,16 +98,17 @@ def main() -> None:
     p.add_argument("--max-staleness", type=int, default=1)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
     args = p.parse_args()
-    print(
-        f"groups_per_step={args.groups_per_step} max_staleness={args.max_staleness} "
-        f"seconds={args.seconds} cpus={os.cpu_count()}"
-    )
-    print(f"| producers | RolloutQueue cycles/s | Condition baseline cycles/s | ratio |")
-    print(f"|---:|---:|---:|---:|")
+    rows = []
     for n in args.threads:
         ours = run(RolloutQueue(args.max_staleness, args.groups_per_step), n, args.groups_per_step, args.seconds)
         base = run(ConditionQueue(args.max_staleness, args.groups_per_step), n, args.groups_per_step, args.seconds)
-        print(f"| {n} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |", flush=True)
+        rows.append([n, f"{ours:,.0f}", f"{base:,.0f}", f"{ours / base:.2f}"])
+        print(rows[-1], flush=True)
+    record(
+        "bench_capacity",
+        f"groups_per_step={args.groups_per_step} max_staleness={args.max_staleness} seconds={args.seconds}\n\n"
+        + table(["producers", "RolloutQueue cycles/s", "Condition baseline cycles/s", "ratio"], rows),
+    )
 
 
 if __name__ == "__main__":

@@ -1,28 +1,14 @@
 """End to end: real training steps with the tiny model and real vLLM engines on CPU."""
 
-import threading
-
-import psutil
 import pytest
 import torch
 
 from trainer import Trainer, TrainerConfig
 from trainer import metrics as M
+from tests.helpers import LetterTask, alive, run_threads
 from trainer.models import load_policy
-from trainer.tasks import Prompt
 
 pytestmark = pytest.mark.engine
-
-
-class LetterTask:
-    """Rewards the share of the letter 'e' in the completion: a random tiny model gets
-    varied rewards within a group, so every step has a learning signal."""
-
-    def prompt(self, index):
-        return Prompt(index=index, text=f"Write a word number {index}:", answer="")
-
-    def reward(self, text, prompt):
-        return text.count("e") / max(len(text), 1)
 
 
 def tiny_config(tmp_path, model_path, *overrides):
@@ -37,36 +23,29 @@ def tiny_config(tmp_path, model_path, *overrides):
             "gen.max_tokens=12",
             "engine.max_model_len=128",
             "engine.max_num_seqs=16",
+            "engine.dtype=float32",  # exact log-prob agreement with the float32 policy
             *overrides,
         ],
     )
 
 
-def live_run_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith(("gen-", "watchdog"))]
+def fit_recording_engine_pids(trainer):
+    """trainer.fit(), and the engine processes' PIDs as training starts."""
+    pids = []
+    train = trainer.train
 
+    def train_and_record():
+        pids.extend(pid for w in trainer.supervisor.workers for pid in w.engine.process_pids())
+        return train()
 
-def engine_pids(trainer):
-    return [pid for w in trainer.supervisor.workers for pid in w.engine.process_pids()]
-
-
-def assert_no_process_left(pids):
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == []
+    trainer.train = train_and_record
+    return trainer.fit(), pids
 
 
 def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     cfg = tiny_config(tmp_path, tiny_model_path, "run.steps=3", "algo.max_staleness=0")
     trainer = Trainer(cfg, task=LetterTask())
-    pids = []
-    original_train = trainer.train
-
-    def train_and_record_pids():
-        pids.extend(engine_pids(trainer))
-        return original_train()
-
-    trainer.train = train_and_record_pids
-    history = trainer.fit()
+    history, pids = fit_recording_engine_pids(trainer)
 
     assert [h[M.STEP] for h in history] == [0, 1, 2]
     assert [h[M.POLICY_VERSION] for h in history] == [1, 2, 3]
@@ -93,9 +72,9 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     assert history[-1][M.LOSS_GRAD_NORM] > 0
     c = trainer.final_counters
     assert c.consumed == c.retired == 6 and c.free == c.permits
-    assert live_run_threads() == []
+    assert run_threads() == []
     assert pids and len(pids) >= 1
-    assert_no_process_left(pids)
+    assert alive(pids) == []
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (tmp_path / "run" / "model" / "config.json").is_file()
@@ -104,15 +83,7 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
 def test_two_engines_both_generate_and_get_every_version(tmp_path, tiny_model_path):
     cfg = tiny_config(tmp_path, tiny_model_path, "run.steps=2", "engine.count=2", "algo.max_staleness=1")
     trainer = Trainer(cfg, task=LetterTask())
-    pids = []
-    original_train = trainer.train
-
-    def train_and_record_pids():
-        pids.extend(engine_pids(trainer))
-        return original_train()
-
-    trainer.train = train_and_record_pids
-    history = trainer.fit()
+    history, pids = fit_recording_engine_pids(trainer)
 
     assert [h[M.POLICY_VERSION] for h in history] == [1, 2]
     workers = trainer.supervisor.workers
@@ -124,6 +95,6 @@ def test_two_engines_both_generate_and_get_every_version(tmp_path, tiny_model_pa
     for h in history:
         assert h[M.STALENESS_MAX] <= 1
     assert trainer.final_counters.free == trainer.final_counters.permits
-    assert live_run_threads() == []
+    assert run_threads() == []
     assert len(set(pids)) >= 2
-    assert_no_process_left(pids)
+    assert alive(pids) == []

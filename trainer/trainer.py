@@ -111,7 +111,7 @@ class Trainer:
                 max_model_len=cfg.engine.max_model_len,
                 max_num_seqs=cfg.engine.max_num_seqs,
                 seed=cfg.run.seed + i,
-                dtype=str(self.dtype).removeprefix("torch."),  # the trainer's: the sync casts nothing
+                dtype=cfg.engine.dtype,
                 device_id=engine_devices[i] if engine_devices else None,
             )
 

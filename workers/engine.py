@@ -130,19 +130,17 @@ class Engine:
     ):
         self.index = index
         args = EngineArgs(
-            model=str(model_path),
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            seed=seed,
-            dtype=dtype,
-            logprobs_mode=logprobs_mode,
-            device_ids=None if device_id is None else [device_id],
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=False,
-            worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=True,
-            **_no_partial_prefill(max_model_len),
+            **engine_kwargs(
+                model_path,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                seed=seed,
+                dtype=dtype,
+                logprobs_mode=logprobs_mode,
+                device_id=device_id,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+            )
         )
         self._pending: dict[str, list[int]] = {}
         self._shutdown_lock = threading.Lock()
@@ -287,6 +285,37 @@ class Engine:
             logger.warning("engine %d: vLLM shutdown did not finish in time; killing its processes", self.index)
         _terminate(self._processes, deadline)
         self._internals.wake_threads_blocked()
+
+
+def engine_kwargs(
+    model_path: str | os.PathLike,
+    *,
+    max_model_len: int,
+    max_num_seqs: int,
+    seed: int,
+    dtype: str,
+    logprobs_mode: str,
+    device_id: int | None,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+) -> dict:
+    """vLLM engine arguments (EngineArgs / vllm.LLM keywords) for an RL rollout engine;
+    see the Engine docstring for the choices."""
+    return dict(
+        model=str(model_path),
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        dtype=dtype,
+        logprobs_mode=logprobs_mode,
+        device_ids=None if device_id is None else [device_id],
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=False,
+        worker_extension_cls=WORKER_EXTENSION,
+        disable_log_stats=True,
+        **_no_partial_prefill(max_model_len),
+    )
 
 
 def _no_partial_prefill(max_model_len: int) -> dict:

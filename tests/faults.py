@@ -1,0 +1,146 @@
+"""Fault injection against scripts/train.py: a real run in a subprocess, its JSON log
+read line by line, a signal sent to its EngineCore at a chosen moment. Used by
+tests/test_faults.py and scripts/bench_failure.py."""
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from tests.helpers import alive
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+class Run:
+    """scripts/train.py in a subprocess, its JSON log lines read as they come."""
+
+    def __init__(self, tmp_path, model_path, *overrides):
+        cmd = [
+            sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
+            f"model.path={model_path}", f"run.output_dir={tmp_path / 'run'}", "log.level=DEBUG",
+            "algo.group_size=4", "algo.groups_per_step=2", "engine.max_model_len=512",
+            "engine.max_num_seqs=16", "run.steps=50", *overrides,
+        ]
+        self.stderr = open(tmp_path / "stderr.txt", "w")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, start_new_session=True
+        )
+        self.events: list[dict] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pred, timeout=240.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"run ended before the expected event; last: {self.events[-3:]}")
+            event = json.loads(line)  # every stdout line is one JSON object
+            self.events.append(event)
+            if pred(event):
+                return event
+        raise AssertionError(f"no expected event within {timeout}s; last: {self.events[-3:]}")
+
+    def finish(self, timeout) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        while True:
+            line = self._lines.get(timeout=5)
+            if line is None:
+                break
+            self.events.append(json.loads(line))
+        self.stderr.close()
+        return rc
+
+
+def event_time(event) -> float:
+    """The event's timestamp as seconds since the epoch (comparable with time.time())."""
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def is_event(name, **fields):
+    return lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
+
+
+HANG_TIMEOUT_S = 3.0
+
+# name -> (overrides, the event after which to signal, delay after it, signal)
+SCENARIOS = {
+    "kill_mid_generation": (
+        ["gen.max_tokens=400", "algo.max_staleness=1"], is_event("worker_started"), 0.3, signal.SIGKILL
+    ),
+    "kill_in_training_step": (
+        ["gen.max_tokens=32", "algo.max_staleness=1"], is_event("phase", phase="train"), 0.0, signal.SIGKILL
+    ),
+    "kill_in_weight_sync": (
+        ["gen.max_tokens=32", "algo.max_staleness=1"], is_event("phase", phase="sync"), 0.0, signal.SIGKILL
+    ),
+    # Synchronous: while the trainer trains, every permit is consumed and the worker
+    # waits in acquire.
+    "kill_all_slots_held": (
+        ["gen.max_tokens=32", "algo.max_staleness=0"], is_event("phase", phase="train"), 0.0, signal.SIGKILL
+    ),
+    # Alive but stuck: the progress watchdog's case.
+    "stop_mid_generation": (
+        ["gen.max_tokens=400", f"engine.hang_timeout_s={HANG_TIMEOUT_S}"],
+        is_event("worker_started"), 0.3, signal.SIGSTOP,
+    ),
+}
+
+
+@dataclasses.dataclass
+class FaultResult:
+    scenario: str
+    returncode: int
+    exit_s: float  # signal to process exit
+    detect_s: float | None  # signal to the worker_failed event
+    events: list[dict]
+    leftover_pids: list[int]  # processes of the run alive after it exited
+
+    @property
+    def last(self) -> dict:
+        return self.events[-1] if self.events else {}
+
+
+def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float = 30.0) -> FaultResult:
+    """Start a run, signal its EngineCore as the scenario says, wait for the exit."""
+    overrides, trigger, delay, sig = SCENARIOS[scenario]
+    run = Run(workdir, model_path, *overrides)
+    started = run.wait_for(is_event("worker_started"))
+    engine_pids = started["engine_pids"]
+    if not trigger(started):
+        run.wait_for(trigger)
+    time.sleep(delay)
+    os.kill(engine_pids[0], sig)  # EngineCore
+    signalled_wall, signalled = time.time(), time.monotonic()
+    try:
+        rc = run.finish(timeout=exit_limit_s)
+        exit_s = time.monotonic() - signalled
+        time.sleep(0.2)
+        leftovers = alive([run.proc.pid, *engine_pids])
+    finally:
+        for pid in alive(engine_pids):  # only if the run failed to
+            os.kill(pid, signal.SIGKILL)
+    failed = [e for e in run.events if e.get("event") == "worker_failed"]
+    detect_s = event_time(failed[0]) - signalled_wall if failed else None
+    return FaultResult(scenario, rc, exit_s, detect_s, run.events, leftovers)
