@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from capacity import RolloutQueue  # noqa: E402
-from scripts.benchlib import record, table  # noqa: E402
+from scripts.benchlib import quiet, record, table  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from trainer.models import resolve_model_path  # noqa: E402
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    quiet()
     rows = []
     for name in args.models:
         model = resolve_model_path(name)

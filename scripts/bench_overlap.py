@@ -7,11 +7,12 @@ the real thing: the RolloutQueue, GenerationWorker threads, the Supervisor (watc
 weight broadcast) and the main loop's calls (get_batch with a health check ->
 train -> broadcast_weights -> retire). Each group's generation time is long-tailed
 (lognormal, sigma 0.5) with mean `ratio * train_s`; a simulated engine runs any number
-of groups at once, like a GPU with spare batch room. With generation as long as
-training, a synchronous trainer (max_staleness=0) alternates the two, so at best an
-asynchronous one is 2x faster. Reported per setting: step time relative to the
-synchronous run, the trainer's idle fraction (waiting for a batch), and the largest
-staleness seen, which must never exceed the bound.
+of groups at once, like a GPU with spare batch room. A synchronous trainer
+(max_staleness=0) alternates generating a batch (which waits for its slowest group:
+about 1.8x the mean for 8 groups) and training on it; an asynchronous one overlaps the
+two, so its step time tends to the longer of the two alone. Reported per setting: step
+time relative to the synchronous run, the trainer's idle fraction (waiting for a
+batch), and the largest staleness seen, which must never exceed the bound.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402  (the simulated engine reports a dtype)
 
 from capacity import RolloutQueue  # noqa: E402
-from scripts.benchlib import record, table  # noqa: E402
+from scripts.benchlib import quiet, record, table  # noqa: E402
 from workers.engine import Completion, FinishedRequest  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402
 from workers.worker import GenerationWorker, PromptItem, RewardSpec, SamplingSpec  # noqa: E402
@@ -142,6 +143,7 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="generation/training time")
     p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = p.parse_args()
+    quiet()
     rows = []
     for ratio in args.ratios:
         base = None

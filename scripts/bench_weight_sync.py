@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from scripts.benchlib import record, table  # noqa: E402
+from scripts.benchlib import quiet, record, table  # noqa: E402
 from trainer.models import load_policy, resolve_model_path  # noqa: E402
 from trainer.policy import weights_to_bytes  # noqa: E402
 from workers.engine import Engine  # noqa: E402
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", nargs="+", default=["auto", "float32"], help="engine dtypes to measure")
     args = p.parse_args()
+    quiet()
     path = resolve_model_path(args.model)
     policy, _ = load_policy(path)
     rows = []

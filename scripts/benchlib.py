@@ -13,6 +13,13 @@ import sys
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
+def quiet() -> None:
+    """Warnings and errors only: a benchmark prints its table, not the run's log."""
+    from trainer.log import configure_logging
+
+    configure_logging("console", "WARNING", stream=sys.stderr)
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

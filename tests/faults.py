@@ -27,7 +27,9 @@ class Run:
             sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
             f"model.path={model_path}", f"run.output_dir={tmp_path / 'run'}", "log.level=DEBUG",
             "algo.group_size=4", "algo.groups_per_step=2", "engine.max_model_len=512",
-            "engine.max_num_seqs=16", "run.steps=50", *overrides,
+            "engine.max_num_seqs=16", "run.steps=50",
+            # Varied rewards for a random model: every step really trains.
+            "task.name=python", "task.factory=tests.helpers:LetterTask", *overrides,
         ]
         self.stderr = open(tmp_path / "stderr.txt", "w")
         self.proc = subprocess.Popen(
@@ -131,8 +133,8 @@ def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float
     if not trigger(started):
         run.wait_for(trigger)
     time.sleep(delay)
-    os.kill(engine_pids[0], sig)  # EngineCore
     signalled_wall, signalled = time.time(), time.monotonic()
+    os.kill(engine_pids[0], sig)  # EngineCore
     try:
         rc = run.finish(timeout=exit_limit_s)
         exit_s = time.monotonic() - signalled

@@ -117,8 +117,12 @@ class GenConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: Literal["arithmetic", "jsonl"] = "arithmetic"
-    """"arithmetic": generated sums and differences; "jsonl": prompts and answers from a file"""
+    name: Literal["arithmetic", "jsonl", "python"] = "arithmetic"
+    """"arithmetic": generated sums and differences; "jsonl": prompts and answers from a
+    file; "python": the object `task.factory` returns"""
+    factory: str | None = None
+    """for name=python: "module:callable", called with no arguments, returning an object
+    with prompt(index) -> trainer.tasks.Prompt and reward(text, prompt) -> float"""
     path: str | None = None
     """the JSONL file, for name=jsonl: one JSON object per line"""
     prompt_field: str = "prompt"
@@ -294,6 +298,11 @@ class TrainerConfig:
             ("gen.temperature", gen.temperature > 0, "must be > 0"),
             ("gen.top_p", 0 < gen.top_p <= 1, "must be 0 < top_p <= 1"),
             ("task.path", task.name != "jsonl" or bool(task.path), "is required when task.name is jsonl"),
+            (
+                "task.factory",
+                task.name != "python" or re.fullmatch(r"[\w.]+:[\w.]+", task.factory or "") is not None,
+                'is required when task.name is python, as "module:callable"',
+            ),
             ("task.prompt_field", task.prompt_field != "", "must not be empty"),
             ("task.answer_field", task.answer_field != "", "must not be empty"),
             ("task.max_operand", task.max_operand >= 1, "must be >= 1"),

@@ -15,7 +15,9 @@ Built in:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import operator
 import pathlib
 import random
 import re
@@ -150,6 +152,13 @@ def build_task(task_cfg: TaskConfig, seed: int) -> Task:
         return ArithmeticTask(seed=seed, max_operand=task_cfg.max_operand)
     if task_cfg.name == "jsonl":
         return JsonlTask(task_cfg.path, task_cfg.prompt_field, task_cfg.answer_field)
+    if task_cfg.name == "python":
+        module, _, name = task_cfg.factory.partition(":")
+        try:
+            factory = operator.attrgetter(name)(importlib.import_module(module))
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"task.factory: cannot load {task_cfg.factory!r}: {e}", key="task.factory") from e
+        return factory()
     raise ConfigError(f"task.name: unknown task {task_cfg.name!r}", key="task.name")
 
 

@@ -271,6 +271,7 @@ class Engine:
         with self._shutdown_lock:
             if self._closed:
                 return
+            dead = not self.is_alive()
             self._closed = True
         deadline = time.monotonic() + timeout
         # vLLM's own shutdown is bounded in normal cases; the thread makes sure a surprise
@@ -283,7 +284,11 @@ class Engine:
         stopper.join(max(0.0, deadline - time.monotonic() - 1.0))
         if stopper.is_alive():
             logger.warning("engine %d: vLLM shutdown did not finish in time; killing its processes", self.index)
-        _terminate(self._processes, deadline)
+        if dead:
+            # EngineCore is gone: what is left (its worker) has nothing to finish.
+            _signal_and_wait(self._processes, psutil.Process.kill, time.monotonic() + 1.0)
+        else:
+            _terminate(self._processes, deadline)
         self._internals.wake_threads_blocked()
 
 
@@ -359,18 +364,24 @@ def _running(p: psutil.Process) -> bool:
 
 
 def _terminate(processes: list[psutil.Process], deadline: float) -> None:
+    """SIGTERM, then SIGKILL at the deadline, each by PID."""
+    alive = _signal_and_wait(processes, psutil.Process.terminate, deadline)
+    alive = _signal_and_wait(alive, psutil.Process.kill, time.monotonic() + 1.0)
+    if alive:
+        logger.error("engine processes still alive after SIGKILL: %s", [p.pid for p in alive])
+
+
+def _signal_and_wait(processes: list[psutil.Process], send, deadline: float) -> list[psutil.Process]:
+    # Polls _running, not psutil.wait_procs: the engine's worker is EngineCore's child,
+    # not ours, so once dead it stays a zombie that wait_procs counts as alive until
+    # its timeout.
     alive = [p for p in processes if _running(p)]
     for p in alive:
         try:
-            p.terminate()
+            send(p)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=1.0)
-    if alive:
-        logger.error("engine processes still alive after SIGKILL: %s", [p.pid for p in alive])
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if _running(p)]
+    return alive

@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.config import TaskConfig
-from trainer.errors import DataError
+from trainer.config import TaskConfig, TrainerConfig
+from trainer.errors import ConfigError, DataError
 from trainer.tasks import ArithmeticTask, JsonlTask, Prompt, build_task, render_prompt
 
 # ---- arithmetic -----------------------------------------------------------------------
@@ -228,3 +228,24 @@ def test_render_prompt_with_smollm2_tokenizer(tiny_model_path):
     # SmolLM2's BOS is <|im_start|>: it must open the text once, not twice.
     assert text.startswith("<|im_start|>system\n")
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+
+
+def test_python_task_factory_loads_the_named_callable():
+    from tests.helpers import LetterTask
+
+    task = build_task(TaskConfig(name="python", factory="tests.helpers:LetterTask"), seed=0)
+    assert isinstance(task, LetterTask)
+    assert task.reward("eee", task.prompt(0)) == 1.0
+
+
+@pytest.mark.parametrize("factory", ["tests.helpers:NoSuchThing", "no_such_module:Task"])
+def test_python_task_factory_that_does_not_load_names_the_key(factory):
+    with pytest.raises(ConfigError, match="task.factory: cannot load") as info:
+        build_task(TaskConfig(name="python", factory=factory), seed=0)
+    assert info.value.key == "task.factory"
+
+
+def test_python_task_needs_a_factory():
+    with pytest.raises(ConfigError, match="task.factory: is required") as info:
+        TrainerConfig.load(None, ["task.name=python"])
+    assert info.value.key == "task.factory"
