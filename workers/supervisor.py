@@ -83,7 +83,6 @@ class Supervisor:
             make_worker(i, self._record_error, self.start_gate) for i in range(count)
         ]
         self._watchdog: threading.Thread | None = None
-        self.error_detected_at: float | None = None  # monotonic time of the first error
 
     # ---- start ----------------------------------------------------------------------
 
@@ -118,7 +117,6 @@ class Supervisor:
             if first:
                 self._error = error
                 self._error_worker = worker
-                self.error_detected_at = time.monotonic()
                 where = f"worker {worker.name} (engine {worker.index})" if worker else "watchdog"
                 error.add_note(f"raised in {where}")
         if first:
@@ -130,10 +128,6 @@ class Supervisor:
                 engine=worker.index if worker else None,
             )
             self.queue.close(error)  # wakes every acquire and get_batch
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
 
     @property
     def failed_worker(self) -> GenerationWorker | None:
