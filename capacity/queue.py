@@ -136,11 +136,15 @@ class Counters:
 
 
 class RolloutQueue:
-    def __init__(self, max_staleness: int, groups_per_step: int, poll_s: float = 0.1):
+    def __init__(self, max_staleness: int, groups_per_step: int, poll_s: float = 0.1, version: int = 0):
+        """`version`: the policy version to start at (a resumed run's); slots acquired
+        before the first `retire` are stamped with it."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if groups_per_step < 1:
             raise ValueError(f"groups_per_step must be >= 1, got {groups_per_step}")
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
         self.max_staleness = max_staleness
         self.groups_per_step = groups_per_step
         self.permits = (max_staleness + 1) * groups_per_step
@@ -160,7 +164,7 @@ class RolloutQueue:
         self._consumer_need = 0
         self._consumer_wake_version = 0
 
-        self._version = 0
+        self._version = version
         self._acquired = 0
         self._in_flight = 0
         self._consumed = 0

@@ -12,12 +12,28 @@ Configuration: the defaults in trainer/config.py, then the YAML file given with
 or a bad value stops the run before any engine starts, naming the key.
 
 Output: one JSON object per line on stdout when it is not a terminal (or with
---log-format json): a `train_step` event per step with the metrics (also appended to
-RUN_DIR/metrics.jsonl), and the final model in RUN_DIR/model.
+--log-format json), vLLM's engine processes included: a `train_step` event per step with
+the metrics (also appended to RUN_DIR/metrics.jsonl), the final model in RUN_DIR/model,
+and the metrics plotted to RUN_DIR/metrics.png. On a terminal: console logs and a
+progress bar on stderr.
 
 Exit codes (trainer/errors.py): 0 done; 1 fatal error (engine dead, engine hung, worker
-failure), logged as one `run_failed` event with the error type, worker, engine, step
-and traceback; 2 bad config or input (`config_error` event); 130 interrupted.
+failure, the training process killed), logged as one final `run_failed` event with the
+error type, worker, engine, step and traceback; 2 bad config or input (`config_error`
+event); 130 / 143 stopped by SIGINT / SIGTERM (`run_interrupted` event).
+
+Process layout: this process is a launcher. It trains in a child process (this script
+again, with RLT_TRAIN_CHILD set) in its own session and process group, forwards SIGINT
+and SIGTERM to it, and once the child has ended, however it ended (exit, exception,
+SIGKILL, OOM kill), kills whatever is left of its process group: no vLLM engine process
+outlives the run. With --max-restarts N, a fatal end (exit 1, or the child killed) is
+followed by a restart from the last checkpoint (run.resume=auto), at most N times, each
+logged as a `run_restart` event. --no-launcher trains in this process instead.
+
+Signals: the first SIGINT/SIGTERM finishes (or, while waiting for rollouts, abandons) the
+current step, writes a checkpoint, shuts the engines down and exits 130/143; a second
+stops at once (engines still shut down, no checkpoint); a third makes the launcher
+SIGKILL the child's process group.
 """
 
 from __future__ import annotations
@@ -25,7 +41,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,12 +56,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--log-format", choices=["auto", "json", "console"], help="default: log.format")
+    p.add_argument(
+        "--max-restarts", type=_non_negative_int, default=0, metavar="N",
+        help="after a fatal error (exit 1, or the training process killed), restart from the last "
+        "checkpoint (run.resume=auto), at most N times (default 0)",
+    )
+    p.add_argument(
+        "--no-launcher", action="store_true",
+        help="train in this process, not in a child process group (if this process is killed, "
+        "its engine processes are orphaned)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after options
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# Set in the training child: the launcher's PID.
+CHILD_ENV = "RLT_TRAIN_CHILD"
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    launcher_pid = os.environ.pop(CHILD_ENV, None)
+    if launcher_pid is not None:
+        _die_with_launcher(int(launcher_pid))
+        code = _main(argv)
+    elif parse_args(argv).no_launcher:
+        code = _main(argv)
+    else:
+        code = launch(argv)
     # The final event is the run's last word for ops tooling: vLLM's finalizers log
     # "[shutdown] ..." records at interpreter exit, after everything is already down.
     logging.disable(logging.CRITICAL)
@@ -77,8 +125,16 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         log.error("config_error", key=e.key, error=str(e))
         return ExitCode.BAD_INPUT
-    except KeyboardInterrupt:
-        log.warning("run_interrupted")
+    except KeyboardInterrupt as e:
+        from trainer.errors import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            log.warning(
+                "run_interrupted", signal=signal.Signals(e.signum).name, graceful=e.graceful,
+                step=e.step, checkpoint=e.checkpoint,
+            )
+            return e.exit_code
+        log.warning("run_interrupted", signal="SIGINT", graceful=False, step=trainer.step, checkpoint=None)
         return ExitCode.SIGINT
     except BaseException as e:  # noqa: BLE001 - every fatal error ends as one log line and exit 1
         worker = trainer.failed_worker
@@ -88,12 +144,148 @@ def _main(argv: list[str] | None) -> int:
             error=str(e),
             worker=worker.name if worker else None,
             engine=worker.index if worker else None,
-            step=len(trainer.history),
+            step=trainer.step,
             exc_info=e,
         )
         return ExitCode.FATAL
     log.info("run_done", steps=len(history), output_dir=str(trainer.output_dir))
     return ExitCode.OK
+
+
+# ---- the launcher ------------------------------------------------------------------------
+
+
+def launch(argv: list[str]) -> int:
+    """Run the training in a child process group; see the module docstring."""
+    args = parse_args(argv)
+    import structlog
+
+    from trainer.config import TrainerConfig
+    from trainer.errors import ConfigError, ExitCode
+    from trainer.log import configure_logging
+
+    configure_logging(args.log_format or "auto")
+    log = structlog.get_logger("launcher")
+    try:  # a bad config needs no child process
+        cfg = TrainerConfig.load(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("config_error", key=e.key, error=str(e))
+        return ExitCode.BAD_INPUT
+    configure_logging(args.log_format or cfg.log.format, cfg.log.level)
+
+    signals: list[int] = []  # received by the launcher, forwarded to the child
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        signals.append(signum)
+        if child is None or child.returncode is not None:
+            return
+        try:
+            if len(signals) >= 3:  # the child did not stop on two: stop waiting for it
+                os.killpg(child.pid, signal.SIGKILL)
+            else:
+                os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, forward)
+
+    child_argv = list(argv)
+    restarts = 0
+    while True:
+        if signals:  # stopped between two children
+            return _stopped_code(signals[0])
+        started = time.monotonic()
+        child = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *child_argv],
+            env={**os.environ, CHILD_ENV: str(os.getpid())},
+            start_new_session=True,  # its own session and process group: pgid == pid
+        )
+        log.info("training_process_started", pid=child.pid, restart=restarts)
+        # Wait without reaping, so that the PID (the group's id) cannot be reused until
+        # the group is killed.
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        orphans = _kill_process_group(child.pid)
+        child.wait()
+        rc = child.returncode
+        # The child's last line (run_done, run_failed, ...) stays the run's last line:
+        # from here the launcher logs only a run_failed for a killed child, or a restart.
+        if orphans:
+            print(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}",
+                  file=sys.stderr, flush=True)
+        if signals:  # a stop was asked for: no restart
+            return _stopped_code(signals[0]) if rc < 0 else rc
+        if rc < 0:  # killed: it could not say why, so the launcher does
+            name = signal.Signals(-rc).name
+            log.error(
+                "run_failed", error_type="ProcessKilled", error=f"the training process {child.pid} was killed by {name}",
+                signal=name, worker=None, engine=None, step=None, pid=child.pid, orphans_killed=orphans,
+                will_restart=restarts < args.max_restarts,
+            )
+            rc = ExitCode.FATAL
+        if rc != ExitCode.FATAL or restarts >= args.max_restarts:
+            return rc
+        restarts += 1
+        log.warning(
+            "run_restart", restart=restarts, max_restarts=args.max_restarts, exit_code=child.returncode,
+            ran_s=round(time.monotonic() - started, 1), orphans_killed=orphans,
+        )
+        child_argv = [*argv, "run.resume=auto"]
+
+
+def _stopped_code(signum: int) -> int:
+    from trainer.errors import ExitCode
+
+    return ExitCode.SIGTERM if signum == signal.SIGTERM else ExitCode.SIGINT
+
+
+def _kill_process_group(pgid: int) -> list[int]:
+    """Make sure no process of the group runs on: a short grace period for processes
+    that are about to exit anyway (multiprocessing's resource tracker cleans up shared
+    memory once the child is gone), then SIGTERM, then SIGKILL. Returns the PIDs that
+    had to be signalled (an engine orphaned by a killed child, say)."""
+    import psutil
+
+    def running() -> list[int]:
+        found = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if p.pid != pgid and os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(p.pid)
+            except (OSError, psutil.Error):
+                pass
+        return found
+
+    def wait_gone(seconds: float) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while (left := running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
+    signalled = wait_gone(0.5)
+    # vLLM's EngineCore takes seconds to act on SIGTERM, and an orphaned one has no
+    # work worth finishing: a short wait only.
+    for sig, wait_s in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
+        if not running():
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        wait_gone(wait_s)
+    return signalled
+
+
+def _die_with_launcher(launcher_pid: int) -> None:
+    """In the training child: get SIGTERM (a graceful stop) if the launcher dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 class Run:
-    """scripts/train.py in a subprocess, its JSON log lines read as they come."""
+    """scripts/train.py in a subprocess, its JSON log lines read as they come. The
+    script is a launcher: `children` are the PIDs of its training processes."""
 
     def __init__(self, tmp_path, model_path, *overrides):
         cmd = [
@@ -36,6 +37,7 @@ class Run:
             cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, start_new_session=True
         )
         self.events: list[dict] = []
+        self.children: list[int] = []
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -54,25 +56,55 @@ class Run:
             if line is None:
                 raise AssertionError(f"run ended before the expected event; last: {self.events[-3:]}")
             event = json.loads(line)  # every stdout line is one JSON object
-            self.events.append(event)
+            self._record(event)
             if pred(event):
                 return event
         raise AssertionError(f"no expected event within {timeout}s; last: {self.events[-3:]}")
+
+    def _record(self, event: dict) -> None:
+        self.events.append(event)
+        if event.get("event") == "training_process_started":
+            self.children.append(event["pid"])
 
     def finish(self, timeout) -> int:
         try:
             rc = self.proc.wait(timeout)
         finally:
             if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                # The launcher, then its training processes (each in its own group).
+                for pgid in [self.proc.pid, *self.children]:
+                    try:
+                        os.killpg(pgid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 self.proc.wait(10)
+        # Every process that inherited stdout must be gone before it reads as ended.
+        deadline = time.monotonic() + 30
         while True:
-            line = self._lines.get(timeout=5)
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"stdout still open 30 s after exit, held by {pipe_holders(self.proc.stdout)}")
             if line is None:
                 break
-            self.events.append(json.loads(line))
+            self._record(json.loads(line))
         self.stderr.close()
         return rc
+
+
+def pipe_holders(pipe) -> list[str]:
+    """The processes that hold the other end of `pipe` (from /proc): for diagnostics."""
+    target = f"pipe:[{os.fstat(pipe.fileno()).st_ino}]"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if pid != str(os.getpid()) and any(
+                os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")
+            ):
+                found.append(f"{pid}: {open(f'/proc/{pid}/cmdline').read().replace(chr(0), ' ')[:120]}")
+        except OSError:
+            pass
+    return found
 
 
 def event_time(event) -> float:

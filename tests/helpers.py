@@ -45,3 +45,9 @@ def alive(pids) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def failing_task():
+    """A task factory (task.factory=tests.helpers:failing_task) that fails: a fatal
+    error (exit 1) before any engine starts."""
+    raise RuntimeError("task factory failed on purpose")

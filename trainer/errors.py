@@ -7,6 +7,7 @@ them and the tests assert them.
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class ExitCode(enum.IntEnum):
@@ -15,6 +16,27 @@ class ExitCode(enum.IntEnum):
     BAD_INPUT = 2  # bad config, missing model, malformed dataset
     SIGINT = 130  # stopped by SIGINT after a final checkpoint
     SIGTERM = 143  # stopped by SIGTERM after a final checkpoint
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM (or `Trainer.request_stop()`).
+
+    graceful: the first signal; the current step was finished (or, while waiting for
+    rollouts, abandoned: nothing of it was trained) and `checkpoint` written. Otherwise a
+    second signal stopped the run at once, without a checkpoint. Either way the engines
+    were shut down. A KeyboardInterrupt, so `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int, graceful: bool, step: int, checkpoint: str | None = None):
+        self.signum = signum
+        self.graceful = graceful
+        self.step = step
+        self.checkpoint = checkpoint
+        how = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written"
+        super().__init__(f"stopped by signal {signum} at step {step} ({'graceful' if graceful else 'at once'}; {how})")
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.SIGTERM if self.signum == signal.SIGTERM else ExitCode.SIGINT
 
 
 class ConfigError(ValueError):

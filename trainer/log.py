@@ -24,27 +24,41 @@ Libraries with their own handler:
   `configure_logging_if_needed`, which runs `logging.config.dictConfig` giving the
   "vllm" logger its own stdout handler and `propagate=False`; each spawned EngineCore
   process does the same at start. With `VLLM_CONFIGURE_LOGGING=0` it skips all of that,
-  so "vllm.*" records propagate to our root handler. `configure_logging` therefore sets
-  that variable (unless the user set it), which must happen before the first engine is
-  built; this also keeps vLLM's text lines out of a JSON stdout. `adopt_logger("vllm")`
-  is the fallback when vLLM has configured its logger anyway.
-  The EngineCore processes are spawned: they do not inherit our handler, so with the
-  variable set their records fall to Python's last-resort handler (WARNING and above,
-  plain text on stderr; a fatal engine error still prints with its traceback), and
-  their INFO lines are dropped.
+  so "vllm.*" records would propagate to our root handler. But the EngineCore process
+  and its worker are spawned: they do not inherit our handler, and their records would
+  fall to Python's last-resort handler (WARNING and above, plain text on stderr).
+  So instead `configure_logging` writes a `dictConfig` JSON file and points vLLM at it
+  (`VLLM_CONFIGURE_LOGGING=1`, `VLLM_LOGGING_CONFIG_PATH`; with configuring off vLLM
+  refuses a config file). vLLM copies both into the `LoggingConfig` it hands to every
+  process it spawns, and applies the file in each (`dictConfig`, replacing its own). The file gives the "vllm" logger one
+  handler, made by `engine_log_handler`: in a process where `configure_logging` ran (the
+  trainer) it forwards to the root logger, i.e. to our chain, as if propagating; in an
+  engine process it renders the same JSON (or console) lines to that process's stdout,
+  plus `process` (vLLM's process name, e.g. "EngineCore") and `pid`. The variables are
+  set unless the user set them (or they point at a file of ours from an earlier call or
+  a parent process), before the first engine is built. `adopt_logger("vllm")` is the
+  fallback when vLLM has configured its logger some other way.
+  Left as they were in engine processes: other libraries' records (Python's last-resort
+  handler: WARNING and above, text on stderr), and what C++ code or tqdm writes (stderr).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import multiprocessing
 import os
+import stat
 import sys
+import tempfile
 import threading
 from typing import Any, TextIO
 
 import structlog
 
 _HANDLER_NAME = "rl-trainer"  # marks our root handler, so a second configure replaces it
+_VLLM_CONFIG_PREFIX = "rl-trainer-vllm-logging-"  # our dictConfig files for vLLM's processes
 
 
 def _add_thread(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -73,24 +87,11 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     stream = sys.stdout if stream is None else stream
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    if fmt == "json":
-        # Locals stay out: they can be huge (tensors) or secret.
-        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        tracebacks = structlog.processors.ExceptionRenderer(exceptions)
-        final = [tracebacks, structlog.processors.JSONRenderer()]
-    elif fmt == "console":
-        final = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
-    else:
-        raise ValueError(f"log format must be 'auto', 'json' or 'console', got {fmt!r}")
-
+    colors = stream.isatty()
     handler = logging.StreamHandler(stream)
     handler.name = _HANDLER_NAME
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_SHARED_PROCESSORS,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
-        )
-    )
+    handler.rlt_format = fmt  # for active_format()
+    handler.setFormatter(_formatter(fmt, colors))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.name == _HANDLER_NAME]:
         root.removeHandler(old)
@@ -113,8 +114,110 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     )
 
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> our chain
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # see the module docstring
+    _route_vllm_logging(fmt, colors, level)  # see the module docstring
     _adopt_transformers()
+
+
+def _formatter(fmt: str, colors: bool, extra: list[Any] = ()) -> logging.Formatter:
+    """The formatter of every record: structlog's processors, then the renderer.
+    `extra` processors run on foreign (stdlib) records after the shared ones."""
+    if fmt == "json":
+        # Locals stay out: they can be huge (tensors) or secret.
+        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        tracebacks = structlog.processors.ExceptionRenderer(exceptions)
+        final = [tracebacks, structlog.processors.JSONRenderer()]
+    elif fmt == "console":
+        final = [structlog.dev.ConsoleRenderer(colors=colors)]
+    else:
+        raise ValueError(f"log format must be 'auto', 'json' or 'console', got {fmt!r}")
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_SHARED_PROCESSORS, *extra],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+
+
+def _add_process(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Which process logged: vLLM's name for it ("EngineCore", ...) and its pid."""
+    record = event_dict.get("_record")
+    name = getattr(record, "vllm_process_name", None) or multiprocessing.current_process().name
+    event_dict["process"] = name
+    event_dict["pid"] = getattr(record, "process", None) or os.getpid()
+    return event_dict
+
+
+class _ToRoot(logging.Handler):
+    """Hands a record to the root logger's handlers: propagation, for a logger that
+    vLLM's dictConfig sets to propagate=False."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+def engine_log_handler(fmt: str = "json", colors: bool = False) -> logging.Handler:
+    """The "vllm" logger's handler, made by the dictConfig file vLLM applies in every
+    process it runs in (see the module docstring): forward to our chain where it is
+    installed (the trainer's process), else render to this process's stdout."""
+    if any(h.name == _HANDLER_NAME for h in logging.getLogger().handlers):
+        return _ToRoot()
+    on_terminal = fmt == "console" and sys.stdout.isatty()
+    handler = _RowClearingHandler(sys.stdout) if on_terminal else logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_formatter(fmt, colors, extra=[_add_process]))
+    return handler
+
+
+class _RowClearingHandler(logging.StreamHandler):
+    """Clears the terminal row before each line: the trainer process's progress bar
+    (trainer/progress.py, on the same terminal) is wiped rather than run into, and
+    redrawn at its next update."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\r\x1b[K" + super().format(record)
+
+
+def _route_vllm_logging(fmt: str, colors: bool, level: str) -> None:
+    """Point vLLM (this process and the processes it spawns) at a dictConfig file whose
+    "vllm" handler is `engine_log_handler`, unless the user configured vLLM's logging."""
+    path = os.environ.get("VLLM_LOGGING_CONFIG_PATH")
+    ours = path is not None and os.path.basename(path).startswith(_VLLM_CONFIG_PREFIX)
+    if not ours and (path is not None or "VLLM_CONFIGURE_LOGGING" in os.environ):
+        return  # the user's choice
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,  # else every logger made so far goes silent
+        "handlers": {
+            # The name stays off our root handler's, which configure_logging replaces.
+            "rl-trainer-vllm": {"()": f"{__name__}.engine_log_handler", "fmt": fmt, "colors": colors},
+        },
+        "loggers": {"vllm": {"handlers": ["rl-trainer-vllm"], "level": level, "propagate": False}},
+    }
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = _write_config(config)
+
+
+def _write_config(config: dict[str, Any]) -> str:
+    """The config as a file named by its content, in a directory only this user can
+    write (the file names a callable that dictConfig imports and calls). Never removed:
+    engine processes read it at start, a killed trainer could not clean up anyway, and
+    there are only a few distinct configs (format x colors x level)."""
+    text = json.dumps(config, sort_keys=True)
+    name = f"{_VLLM_CONFIG_PREFIX}{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    directory = os.path.join(tempfile.gettempdir(), f"rl-trainer-{os.getuid()}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        directory = tempfile.mkdtemp(prefix="rl-trainer-")  # someone else's: a private one
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: a process starting now reads the old file or this one
+    return path
 
 
 def _adopt_transformers() -> None:
@@ -124,6 +227,15 @@ def _adopt_transformers() -> None:
         return
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
+
+
+def active_format() -> str | None:
+    """"json" or "console": the format of the handler `configure_logging` installed;
+    None if it is not installed (a library user who set up logging their own way)."""
+    for h in logging.getLogger().handlers:
+        if h.name == _HANDLER_NAME:
+            return getattr(h, "rlt_format", None)
+    return None
 
 
 def adopt_logger(name: str) -> None:

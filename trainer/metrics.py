@@ -20,6 +20,7 @@ REWARD_FRAC_ZERO_STD_GROUPS = "reward/frac_zero_std_groups"
 LOSS_POLICY = "loss/policy"
 LOSS_CLIP_FRAC = "loss/clip_frac"
 LOSS_IS_RATIO_MAX = "loss/is_ratio_max"
+LOSS_IS_CAPPED_FRAC = "loss/is_capped_frac"
 LOSS_APPROX_KL = "loss/approx_kl"
 LOSS_GRAD_NORM = "loss/grad_norm"
 COMPLETION_MEAN_LEN = "completion/mean_len"
@@ -37,6 +38,35 @@ PERF_TRAIN_S = "perf/train_s"
 # Largest |trainer log-prob - engine log-prob| over tokens of groups sampled entirely
 # under the current policy version: ~0 proves the engines hold the trainer's weights.
 SYNC_LOGPROB_MAX_DIFF = "sync/logprob_max_diff"
+
+# Every step record (the `train_step` event, a metrics.jsonl line) carries these.
+# SYNC_LOGPROB_MAX_DIFF is not among them: a step may train on no group sampled
+# entirely under the current weights.
+STEP_RECORD_KEYS = (
+    STEP,
+    POLICY_VERSION,
+    REWARD_MEAN,
+    REWARD_STD,
+    REWARD_FRAC_ZERO_STD_GROUPS,
+    LOSS_POLICY,
+    LOSS_CLIP_FRAC,
+    LOSS_IS_RATIO_MAX,
+    LOSS_IS_CAPPED_FRAC,
+    LOSS_APPROX_KL,
+    LOSS_GRAD_NORM,
+    COMPLETION_MEAN_LEN,
+    COMPLETION_CLIPPED_FRAC,
+    CAPACITY_FREE,
+    CAPACITY_IN_FLIGHT,
+    CAPACITY_QUEUED,
+    STALENESS_MEAN,
+    STALENESS_MAX,
+    PERF_GEN_TOKENS_PER_S,
+    PERF_STEP_S,
+    PERF_TRAIN_S,
+    PERF_TRAINER_IDLE_FRAC,
+    PERF_WEIGHT_SYNC_S,
+)
 
 
 def batch_metrics(groups: Sequence[Any], version: int) -> dict[str, float]:

@@ -108,15 +108,17 @@ class JsonlTask:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", self.path, line_no) from e
+                raise DataError(
+                    f"not UTF-8 text ({e.reason} at byte {e.start})", self.path, line_no, key="task.path"
+                ) from e
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, line_no) from e
+                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", self.path, line_no, key="task.path") from e
             if not isinstance(row, dict):
-                raise DataError(f"expected a JSON object, got {type(row).__name__}", self.path, line_no)
+                raise DataError(f"expected a JSON object, got {type(row).__name__}", self.path, line_no, key="task.path")
             for field, key in ((prompt_field, "task.prompt_field"), (answer_field, "task.answer_field")):
                 if field not in row:
                     raise DataError(

@@ -8,25 +8,39 @@ batch's permits (which moves the policy version and lets generation run on) -> l
 Whatever happens, `cleanup()` stops the workers and shuts the engines down, and the
 original exception propagates: a library user sees it in the cell, the CLI turns it
 into one `run_failed` log line and exit code 1.
+
+Checkpoints (trainer/checkpoint.py) every run.checkpoint_every steps and at the end;
+`fit()` resumes from the latest valid one (run.resume). Stopping: SIGINT/SIGTERM (while
+`fit()` runs in the main thread) or `request_stop()`: the first finishes the current
+step, or abandons it while it is still waiting for rollouts, writes a checkpoint, shuts
+the engines down and raises `RunInterrupted`; a second stops at the next check (a
+rollout wait or a micro-batch), without a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import pathlib
+import signal
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import structlog
 import torch
 
 from capacity import QueueClosed, RolloutQueue
+from trainer import checkpoint as ckpt
 from trainer import metrics as M
 from trainer.config import TrainerConfig
+from trainer.errors import ConfigError, RunInterrupted
 from trainer.loss import group_advantages, policy_loss
 from trainer.models import load_policy, resolve_model_path
 from trainer.policy import TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
+from trainer.progress import StepBar
 from trainer.tasks import build_task, render_prompt
 from workers.engine import Engine
 from workers.supervisor import Supervisor
@@ -37,21 +51,68 @@ log = structlog.get_logger(__name__)
 
 class PromptCursor:
     """Hands out prompts in index order to every worker thread: the shared prompt source.
-    The cursor is what a resumed run continues from."""
+    A resumed run starts at the trained prompts' low-water mark and skips the indices in
+    `skip` (those above it that were already trained; see TrainedPrompts)."""
 
-    def __init__(self, task: Any, tokenizer: Any, start: int = 0):
+    def __init__(self, task: Any, tokenizer: Any, start: int = 0, skip: Iterable[int] = ()):
         self._task = task
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
         self.cursor = start
+        self._skip = {i for i in skip if i >= start}
 
     def next(self) -> PromptItem:
         with self._lock:
+            while self.cursor in self._skip:
+                self._skip.discard(self.cursor)
+                self.cursor += 1
             index = self.cursor
             self.cursor += 1
             prompt = self._task.prompt(index)
             token_ids = render_prompt(self._tokenizer, prompt)
         return PromptItem(index=index, token_ids=token_ids, data=prompt)
+
+
+class TrainedPrompts:
+    """The prompt indices trained on so far: every index below `low_water`, and the
+    sparse set `above` it. Prompts are handed out in index order but trained in
+    completion order (several engines, staleness), so a prefix is not enough. Saved in
+    checkpoints: a resumed run hands out prompts from `low_water`, skipping `above`, so
+    no prompt is trained twice and none is skipped (groups in flight at the stop are
+    generated again). A group given up by its worker (reward.on_error=skip) stays below
+    the mark until a resumed run tries it again."""
+
+    def __init__(self, low_water: int = 0, above: Iterable[int] = ()):
+        self.low_water = low_water
+        self.above = set(above)
+        self._advance()
+
+    def add(self, indices: Iterable[int]) -> None:
+        for i in indices:
+            if i < self.low_water or i in self.above:
+                raise RuntimeError(f"prompt {i} trained on twice (low water mark {self.low_water})")
+            self.above.add(i)
+        self._advance()
+
+    def __contains__(self, index: int) -> bool:
+        return index < self.low_water or index in self.above
+
+    def _advance(self) -> None:
+        while self.low_water in self.above:
+            self.above.remove(self.low_water)
+            self.low_water += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"low_water": self.low_water, "above": sorted(self.above)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TrainedPrompts:
+        return cls(int(state["low_water"]), (int(i) for i in state["above"]))
+
+
+class _StopRequested(Exception):
+    """Raised at a check while waiting (for engines, for rollouts) once a stop was asked:
+    the step is abandoned before anything of it was trained."""
 
 
 class Trainer:
@@ -69,11 +130,21 @@ class Trainer:
         self.supervisor: Supervisor | None = None
         self.queue: RolloutQueue | None = None
         self.history: list[dict[str, Any]] = []
+        self._bar: StepBar | None = None  # a progress bar on a terminal (trainer/progress.py)
+        self.step = 0  # optimizer steps done, counting those before a resume
+        self.resumed_from: pathlib.Path | None = None  # the checkpoint this fit() resumed from
+        self.last_checkpoint: pathlib.Path | None = None
+        self._stop_count = 0  # stop requests (signals) during this fit()
+        self._stop_signal: int | None = None
+        self._in_cleanup = False
 
     # ---- setup ------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.supervisor = None
+        # First, so that a bad run.resume fails before anything heavy starts.
+        self.resumed_from = self._checkpoint_to_resume()
         torch.manual_seed(cfg.run.seed)
         self.device = resolve_device(cfg.trainer.device)
         self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
@@ -91,8 +162,19 @@ class Trainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
 
-        self.queue = RolloutQueue(cfg.algo.max_staleness, cfg.algo.groups_per_step)
-        self.prompts = PromptCursor(self.task, self.tokenizer)
+        self.start_step, version, self.trained = 0, 0, TrainedPrompts()
+        self._saved_step: int | None = None
+        if self.resumed_from is not None:
+            self.start_step, version = self._resume(self.resumed_from)
+            self._saved_step = self.start_step
+        self.step = self.start_step
+        self._trim_metrics(self.output_dir / "metrics.jsonl", self.start_step)
+        self.queue = RolloutQueue(cfg.algo.max_staleness, cfg.algo.groups_per_step, version=version)
+        self.prompts = PromptCursor(self.task, self.tokenizer, start=self.trained.low_water, skip=self.trained.above)
+        self._complete = self.start_step >= cfg.run.steps
+        if self._complete:
+            log.info("run_already_complete", steps=self.start_step, checkpoint=str(self.resumed_from))
+            return
         engine_devices = self._engine_devices()
         sampling = SamplingSpec(
             group_size=cfg.algo.group_size,
@@ -116,10 +198,13 @@ class Trainer:
             )
 
         count = len(engine_devices) if engine_devices else cfg.engine.count
-        # What fits in an engine's batch, and no more than its share of the permits, so
-        # the first engine to start cannot take every slot.
+        # Twice what fits in an engine's batch, so that vLLM refills the seat of a finished
+        # sample from its waiting queue at once instead of idling until the whole group is
+        # done (SmolLM2: 0.93 -> 1.04 of plain vLLM's tokens/s, scripts/bench_generation.py);
+        # and no more than the engine's share of the permits, so the first engine up
+        # cannot take every slot.
         groups_per_engine = max(
-            1, min(cfg.engine.max_num_seqs // cfg.algo.group_size, -(-self.queue.permits // count))
+            1, min(2 * cfg.engine.max_num_seqs // cfg.algo.group_size, -(-self.queue.permits // count))
         )
 
         def make_worker(i: int, on_error, start_gate) -> GenerationWorker:
@@ -138,9 +223,76 @@ class Trainer:
         self.supervisor = Supervisor(self.queue, make_worker, count, hang_timeout_s=cfg.engine.hang_timeout_s)
         t0 = time.monotonic()
         self.supervisor.start()
-        self.supervisor.wait_ready(cfg.engine.start_timeout_s)
+        self.supervisor.wait_ready(cfg.engine.start_timeout_s, health_check=self._check_waiting, open_gate=False)
         self.engine_dtype = self.supervisor.workers[0].engine.dtype
+        if self.resumed_from is not None:
+            # The engines loaded the base model: they get the resumed policy before they
+            # generate anything (the workers apply their inbox while the gate is shut).
+            self.supervisor.broadcast_weights(
+                weights_to_bytes(self.policy, self.engine_dtype), version, cfg.engine.sync_timeout_s
+            )
+        self.supervisor.open_gate()
         log.info("engines_ready", count=count, seconds=round(time.monotonic() - t0, 1), engine_dtype=str(self.engine_dtype))
+
+    def _checkpoint_to_resume(self) -> pathlib.Path | None:
+        """The checkpoint run.resume asks for: "never" -> None, "auto" -> the latest
+        valid one in output_dir (each newer invalid one logged), else that directory."""
+        resume = self.cfg.run.resume
+        if resume == "never":
+            existing = ckpt.list_checkpoints(self.output_dir)
+            if existing:
+                raise ConfigError(
+                    f"run.resume=never, but {ckpt.checkpoint_root(self.output_dir)} holds checkpoints of an "
+                    f"earlier run (newest: step {existing[-1][0]}) that new ones would mix with: use "
+                    "run.resume=auto to continue that run, or another run.output_dir",
+                    key="run.resume",
+                )
+            return None
+        if resume == "auto":
+            return ckpt.latest_valid_checkpoint(self.output_dir)
+        try:
+            ckpt.verify_checkpoint(resume)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"run.resume: {e}", key="run.resume") from e
+        return pathlib.Path(resume)
+
+    def _resume(self, path: pathlib.Path) -> tuple[int, int]:
+        """Load the checkpoint into the policy, optimizer, prompt record and RNGs; returns
+        (step, policy version)."""
+        state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.device)
+        trainer_state = state["trainer_state"]
+        self.trained = TrainedPrompts.from_state(trainer_state["prompts"])
+        ckpt.set_rng_state(state["rng"])
+        changed = _changed_keys(state["config"], self.cfg.to_dict())
+        if changed:
+            log.warning("resume_config_changed", keys=changed)
+        step, version = int(trainer_state["step"]), int(trainer_state["policy_version"])
+        log.info(
+            "resumed", checkpoint=str(path), checkpoint_step=step, policy_version=version,
+            prompts_low_water=self.trained.low_water, prompts_above=len(self.trained.above),
+        )
+        return step, version
+
+    @staticmethod
+    def _trim_metrics(path: pathlib.Path, start_step: int) -> None:
+        """Drop the records of steps >= start_step (a killed run's steps after its last
+        checkpoint, which the resumed run trains again); atomic rewrite."""
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                keep = json.loads(line)[M.STEP] < start_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def _engine_devices(self) -> list[int] | None:
         """GPU ids for the engines: engine.devices, or every GPU but the trainer's."""
@@ -156,13 +308,17 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         B = cfg.algo.groups_per_step
+        if self._complete:
+            return self.history
         metrics_file = M.MetricsFile(self.output_dir / "metrics.jsonl")
+        self._bar = StepBar(cfg.run.steps, self.start_step)
         tokens_before = self._generated_tokens()
-        for step in range(cfg.run.steps):
+        for step in range(self.start_step, cfg.run.steps):
             structlog.contextvars.bind_contextvars(step=step)
             t0 = time.monotonic()
             groups = self._get_batch(B)
             t_batch = time.monotonic()
+            log.debug("batch", prompt_indices=sorted(g.prompt_index for g in groups))
             version = self.queue.version
             log.debug("phase", phase="train")
             loss_stats = self._train_on(groups)
@@ -172,6 +328,8 @@ class Trainer:
                 weights_to_bytes(self.policy, self.engine_dtype), version + 1, cfg.engine.sync_timeout_s
             )
             self.queue.retire(B)
+            self.trained.add(g.prompt_index for g in groups)
+            self.step = step + 1
             t1 = time.monotonic()
 
             tokens_now = self._generated_tokens()
@@ -194,13 +352,22 @@ class Trainer:
             self.history.append(record)
             metrics_file.write(record)
             log.info("train_step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+            self._bar.update(record)
+            if self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.run.steps:
+                self._save_checkpoint()
+            if self._stop_count and self.step < cfg.run.steps:
+                log.warning("stopping", after_step=step, reason="stop requested; step finished")
+                structlog.contextvars.unbind_contextvars("step")
+                return self.history  # fit() writes the checkpoint
         structlog.contextvars.unbind_contextvars("step")
+        self._save_checkpoint()
         self._save_final_model()
+        self._plot_metrics()
         return self.history
 
     def _get_batch(self, n: int) -> list[RolloutGroup]:
         try:
-            return self.queue.get_batch(n, timeout=self.cfg.run.batch_timeout_s, health_check=self.supervisor.check)
+            return self.queue.get_batch(n, timeout=self.cfg.run.batch_timeout_s, health_check=self._check_waiting)
         except QueueClosed:
             self.supervisor.check()  # the worker error that closed the queue, if any
             raise
@@ -225,7 +392,10 @@ class Trainer:
         # Rows with zero advantage add exactly zero to the loss: skip their compute. The
         # loss stays a token mean over the whole batch (its denominator counts them).
         rows = [i for i in range(len(advantages)) if advantages[i] != 0]
-        stats = {M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0}
+        stats = {
+            M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
+            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0,
+        }
         if not rows:
             return stats  # no learning signal in this batch: the weights stay as they are
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,7 +406,7 @@ class Trainer:
             sub = batch.select(idx)
             if sub.num_tokens == 0:
                 continue
-            self.supervisor.check()  # a long step on a big model should not delay a worker error
+            self._check()  # a long step on a big model should not delay a worker error or a stop
             logprobs = token_logprobs(self.policy, sub, cfg.gen.temperature)
             loss, s = policy_loss(
                 logprobs, sub.behaviour_logprobs, advantages[idx], sub.completion_mask,
@@ -251,10 +421,12 @@ class Trainer:
             stats[M.LOSS_POLICY] += loss.item() * w / batch.num_tokens
             stats[M.LOSS_CLIP_FRAC] += s["clip_frac"] * w
             stats[M.LOSS_APPROX_KL] += s["approx_kl"] * w
+            stats[M.LOSS_IS_CAPPED_FRAC] += s["is_capped_frac"] * w
             stats[M.LOSS_IS_RATIO_MAX] = max(stats[M.LOSS_IS_RATIO_MAX], s["is_ratio_max"])
             trained_tokens += w
         stats[M.LOSS_CLIP_FRAC] /= max(trained_tokens, 1)
         stats[M.LOSS_APPROX_KL] /= max(trained_tokens, 1)
+        stats[M.LOSS_IS_CAPPED_FRAC] /= max(trained_tokens, 1)
         stats[M.LOSS_GRAD_NORM] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.algo.max_grad_norm))
         self.optimizer.step()
         return stats
@@ -267,6 +439,83 @@ class Trainer:
     def _generated_tokens(self) -> int:
         return sum(w.stats["tokens"] for w in self.supervisor.workers)
 
+    def _save_checkpoint(self) -> pathlib.Path:
+        """A checkpoint of the current step (once per step)."""
+        if self._saved_step == self.step and self.last_checkpoint is not None:
+            return self.last_checkpoint
+        if self._saved_step == self.step:  # resumed from it and nothing trained since
+            return self.resumed_from
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            model=self.policy,
+            optimizer=self.optimizer,
+            trainer_state={
+                "policy_version": self.queue.version,
+                "prompts": self.trained.state(),
+                "run_id": self.run_id,
+            },
+            config=self.cfg.to_dict(),
+            keep=self.cfg.run.keep_checkpoints,
+        )
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    # ---- stopping ---------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Ask the running fit() to stop. The first request finishes the current step (or
+        abandons it while it still waits for rollouts), writes a checkpoint, shuts the
+        engines down, and fit() raises RunInterrupted(graceful=True). A second one stops
+        at the next check, without a checkpoint. SIGINT and SIGTERM call this while
+        fit() runs in the main thread; from another thread, call it directly."""
+        if self._stop_signal is None:
+            self._stop_signal = signum
+        self._stop_count += 1
+
+    def _check(self) -> None:
+        """Between pieces of work: raise the first worker error, stop at once on a
+        second stop request."""
+        if self.supervisor is not None:
+            self.supervisor.check()
+        if self._stop_count >= 2 and not self._in_cleanup:
+            log.warning("stop_now", signal=_signal_name(self._stop_signal), step=self.step)
+            raise RunInterrupted(self._stop_signal, graceful=False, step=self.step)
+
+    def _check_waiting(self) -> None:
+        """`_check` while waiting (for engines, for rollouts): a first stop request
+        abandons the wait."""
+        self._check()
+        if self._stop_count:
+            raise _StopRequested()
+
+    @contextlib.contextmanager
+    def _signals_request_stop(self):
+        """SIGINT and SIGTERM call request_stop while fit() runs; the previous handlers
+        come back afterwards. Python allows signal handlers only in the main thread: from
+        another thread nothing is installed (call request_stop())."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signums = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signums}
+        for s in signums:
+            signal.signal(s, lambda signum, frame: self.request_stop(signum))
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _plot_metrics(self) -> None:
+        """RUN_DIR/metrics.png (trainer/plots.py); a plot that fails never fails the run."""
+        try:
+            from trainer.plots import plot_run
+
+            log.info("metrics_plotted", path=str(plot_run(self.output_dir)))
+        except Exception as e:  # noqa: BLE001 - the model and metrics are saved already
+            log.warning("plot_failed", error_type=type(e).__name__, error=str(e))
+
     def _save_final_model(self) -> None:
         out = self.output_dir / "model"
         self.policy.save_pretrained(out, safe_serialization=True)
@@ -278,6 +527,8 @@ class Trainer:
     def cleanup(self) -> None:
         """Stop the workers and engines; groups generated but never trained on are
         discarded, which returns their permits."""
+        if self._bar is not None:
+            self._bar.close()
         if self.supervisor is not None:
             self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s)
         if self.queue is not None:
@@ -285,14 +536,45 @@ class Trainer:
             log.info("capacity_final", discarded_groups=discarded, **self.queue.counters().as_dict())
 
     def fit(self) -> list[dict[str, Any]]:
-        """Set up, train for run.steps, clean up. Re-raises any worker error."""
+        """Set up (resuming per run.resume), train up to run.steps, clean up. Re-raises any
+        worker error; raises RunInterrupted after a stop request (see request_stop)."""
         self.history = []
-        with structlog.contextvars.bound_contextvars(run_id=self.run_id):
+        self._stop_count, self._stop_signal, self._in_cleanup = 0, None, False
+        interrupted = None
+        with structlog.contextvars.bound_contextvars(run_id=self.run_id), self._signals_request_stop():
             try:
-                self.setup()
-                self.train()
+                try:
+                    self.setup()
+                    self.train()
+                except _StopRequested:
+                    log.warning("stopping", step=self.step, reason="stop requested while waiting; step abandoned")
+                if self._stop_count and self.step < self.cfg.run.steps:
+                    path = self._save_checkpoint() if self.step > 0 else None
+                    interrupted = RunInterrupted(
+                        self._stop_signal, graceful=True, step=self.step, checkpoint=str(path) if path else None
+                    )
             finally:
+                self._in_cleanup = True
                 self.cleanup()
+        if interrupted is not None:
+            raise interrupted
         # Every permit is back: nothing leaked across the run.
         self.final_counters = self.queue.assert_drained()
         return self.history
+
+
+def _signal_name(signum: int | None) -> str | None:
+    return None if signum is None else signal.Signals(signum).name
+
+
+def _changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose value differs between two configs (run.resume and run.steps
+    are expected to change on a resume and are left out)."""
+    changed = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            dotted = f"{section}.{key}"
+            if dotted not in ("run.resume", "run.steps") and a.get(key) != b.get(key):
+                changed.append(dotted)
+    return changed

@@ -97,15 +97,28 @@ class Supervisor:
         )
         self._watchdog.start()
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(
+        self, timeout: float, health_check: Callable[[], None] | None = None, open_gate: bool = True
+    ) -> None:
         """Wait until every engine is built, then let generation start; raises the first
-        worker error meanwhile."""
+        worker error meanwhile, and whatever `health_check()` raises (called every 0.1 s).
+
+        open_gate=False keeps generation from starting: the workers already apply their
+        inbox (e.g. `broadcast_weights` of a resumed policy), and `open_gate()` lets them go."""
         deadline = time.monotonic() + timeout
         for w in self.workers:
             while not w.ready.wait(0.1):
                 self.check()
+                if health_check is not None:
+                    health_check()
                 if time.monotonic() > deadline:
                     raise EngineStartTimeout(f"{w.name}: engine not started after {timeout:.0f}s")
+        self.check()
+        if open_gate:
+            self.open_gate()
+
+    def open_gate(self) -> None:
+        """Let the workers start generating."""
         self.check()
         self.start_gate.set()
 

@@ -308,3 +308,30 @@ def test_discard_queued_returns_permits_after_close():
     assert q.discard_queued() == 1
     c = q.assert_drained()
     assert c.released["cancelled"] == 1 and c.consumed == 2
+
+
+def test_a_resumed_queue_starts_at_its_version_and_keeps_the_staleness_bound():
+    """A resumed run starts the queue at the checkpoint's policy version: slots are
+    stamped with it, retire moves on from it, and the earliest-deadline-first rule works
+    on versions relative to it (the slow-group case above, shifted by 7)."""
+    q = RolloutQueue(max_staleness=1, groups_per_step=1, version=7)
+    assert q.version == 7 and q.counters().version == 7
+    slow = q.acquire()
+    assert slow.version == 7
+    q.acquire().put("fast7")
+    assert q.get_batch(1) == ["fast7"]
+    assert q.retire(1) == 8
+    fresh = q.acquire()
+    assert fresh.version == 8
+    fresh.put("fast8")
+    with pytest.raises(BatchTimeout):
+        q.get_batch(1, timeout=0.2)  # the slow group from version 7 is due now
+    slow.put("slow7")
+    assert q.get_batch(1) == ["slow7"]
+    assert q.counters().staleness == {0: 1, 1: 1}
+    q.retire(1)
+    assert q.get_batch(1) == ["fast8"]
+    q.retire(1)
+    assert q.assert_drained().version == 10
+    with pytest.raises(ValueError, match="version must be >= 0"):
+        RolloutQueue(max_staleness=0, groups_per_step=1, version=-1)

@@ -5,6 +5,8 @@ import datetime
 import io
 import json
 import logging
+import logging.config
+import pathlib
 import re
 import threading
 import warnings
@@ -19,11 +21,15 @@ from trainer.log import adopt_logger, configure_logging, get_logger
 def restore_logging(monkeypatch):
     """Each test configures logging from scratch; undo it afterwards."""
     monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     root = logging.getLogger()
+    vllm_logger = logging.getLogger("vllm")
+    vllm_state = (list(vllm_logger.handlers), vllm_logger.level, vllm_logger.propagate)
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    vllm_logger.handlers[:], vllm_logger.level, vllm_logger.propagate = vllm_state
     logging.captureWarnings(False)
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
@@ -205,11 +211,89 @@ def test_transformers_records_are_adopted():
     assert record["event"] == "weights not initialized"
 
 
-def test_vllm_is_told_not_to_configure_its_own_handler(monkeypatch):
+def apply_vllm_config():
+    """What vLLM does with VLLM_LOGGING_CONFIG_PATH in each of its processes."""
+    import os
+
+    with open(os.environ["VLLM_LOGGING_CONFIG_PATH"]) as f:
+        logging.config.dictConfig(json.load(f))
+
+
+def test_vllm_is_pointed_at_our_logging_config(monkeypatch):
     import os
 
     json_stream()
-    assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0"
-    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "1")  # a user's explicit choice wins
+    assert os.environ["VLLM_CONFIGURE_LOGGING"] == "1"  # vLLM ignores a config file otherwise
+    first = os.environ["VLLM_LOGGING_CONFIG_PATH"]
+    config = json.loads(open(first).read())
+    assert config["disable_existing_loggers"] is False
+    assert config["loggers"]["vllm"]["level"] == "INFO"
+    json_stream(level="DEBUG")  # a second call replaces our file, with the new level
+    second = os.environ["VLLM_LOGGING_CONFIG_PATH"]
+    assert second != first
+    assert json.loads(open(second).read())["loggers"]["vllm"]["level"] == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"VLLM_CONFIGURE_LOGGING": "0"}, {"VLLM_CONFIGURE_LOGGING": "1"}, {"VLLM_LOGGING_CONFIG_PATH": "/etc/mine.json"}],
+)
+def test_a_users_vllm_logging_choice_wins(monkeypatch, env):
+    import os
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     json_stream()
-    assert os.environ["VLLM_CONFIGURE_LOGGING"] == "1"
+    for k in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_CONFIG_PATH"):
+        assert os.environ.get(k) == env.get(k)
+
+
+def test_vllm_records_in_the_trainer_process_stay_in_our_chain():
+    stream = json_stream()
+    apply_vllm_config()  # as LLMEngine.__init__ does in the trainer's process
+    structlog.contextvars.bind_contextvars(run_id="r9")
+    logging.getLogger("vllm.v1.engine.core_client").info("engine %s ready", "e0")
+    get_logger("trainer.x").info("after")
+    vllm_line, after = lines(stream)  # once each: no second handler
+    assert vllm_line["event"] == "engine e0 ready"
+    assert vllm_line["logger"] == "vllm.v1.engine.core_client"
+    assert vllm_line["run_id"] == "r9"
+    assert "process" not in vllm_line
+    assert after["event"] == "after"
+    # A reconfiguration (new stream) is followed by the records vLLM's logger forwards.
+    second = json_stream()
+    logging.getLogger("vllm.x").warning("later")
+    assert [r["event"] for r in lines(second)] == ["later"]
+
+
+def test_engine_process_logs_json_lines_to_its_stdout(tmp_path):
+    """A fresh interpreter stands in for a spawned EngineCore: it applies the file
+    vLLM would, and its vLLM records come out as our JSON lines on its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    json_stream()
+    code = (
+        "import json, logging, logging.config, os\n"
+        "logging.config.dictConfig(json.load(open(os.environ['VLLM_LOGGING_CONFIG_PATH'])))\n"
+        "log = logging.getLogger('vllm.v1.engine.core')\n"
+        "log.info('engine core %s', 'started')\n"
+        "log.debug('dropped: below the level')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    log.exception('EngineCore failed')\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=os.environ.copy(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    started, failed = [json.loads(line) for line in done.stdout.splitlines()]
+    for record in (started, failed):
+        assert {"timestamp", "level", "event", "logger", "thread", "process", "pid"} <= set(record)
+        assert record["pid"] != os.getpid()
+        assert record["timestamp"].endswith("Z")
+    assert started["event"] == "engine core started"
+    assert started["level"] == "info"
+    assert failed["exception"][0]["exc_type"] == "ZeroDivisionError"
+    assert done.stderr == ""

@@ -1,0 +1,88 @@
+"""The CLI's output on a real short run (tiny model, real vLLM engine): every stdout line
+is one JSON object, the engine processes' records included; every step's metrics are in
+the `train_step` event and in metrics.jsonl; metrics.png is written at the end."""
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.faults import REPO
+from tests.helpers import alive
+from trainer import metrics as M
+
+pytestmark = pytest.mark.engine
+
+REQUIRED_METRICS = [
+    "reward/mean", "reward/std", "reward/frac_zero_std_groups",
+    "loss/policy", "loss/clip_frac", "loss/is_ratio_max", "loss/is_capped_frac",
+    "completion/mean_len", "completion/clipped_frac",
+    "capacity/free", "capacity/in_flight", "capacity/queued",
+    "staleness/mean", "staleness/max",
+    "perf/gen_tokens_per_s", "perf/step_s", "perf/trainer_idle_frac", "perf/weight_sync_s",
+]
+
+
+def test_metric_names_have_one_home():
+    assert set(REQUIRED_METRICS) <= set(M.STEP_RECORD_KEYS)
+    assert M.LOSS_IS_CAPPED_FRAC == "loss/is_capped_frac"
+
+
+def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
+            f"model.path={tiny_model_path}", f"run.output_dir={run_dir}", "run.steps=2",
+            "algo.group_size=4", "algo.groups_per_step=2", "gen.max_tokens=8", "engine.max_model_len=256",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=480,
+    )
+    lines = done.stdout.splitlines()
+    events = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"stdout line {n} is not JSON: {line[:300]!r}")
+    assert done.returncode == 0, (events[-3:], done.stderr[-3000:])
+
+    for e in events:
+        assert isinstance(e, dict), e
+        assert {"timestamp", "level", "event", "thread"} <= set(e), e
+        ts = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+        assert e["timestamp"].endswith("Z") and ts.utcoffset() == datetime.timedelta(0), e
+        assert e["level"] in {"debug", "info", "warning", "error", "critical"}, e
+
+    # The trainer's own records carry the run id (bound for the whole fit()).
+    trainer_records = [e for e in events if e.get("logger", "").startswith(("trainer.", "workers."))]
+    assert trainer_records
+    run_ids = {e.get("run_id") for e in trainer_records}
+    assert len(run_ids) == 1 and None not in run_ids, run_ids
+
+    # vLLM's spawned processes (EngineCore and its worker) log JSON lines too.
+    (started,) = [e for e in events if e["event"] == "worker_started"]
+    engine_pids = started["engine_pids"]
+    from_engines = [e for e in events if e.get("pid") in engine_pids]
+    assert from_engines, "no record from an engine process"
+    assert {e["process"] for e in from_engines} & {"EngineCore", "EngineCore_DP0"}, {e["process"] for e in from_engines}
+    assert all(e["logger"].startswith("vllm") for e in from_engines)
+
+    steps = [e for e in events if e["event"] == "train_step"]
+    assert [e[M.STEP] for e in steps] == [0, 1]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r[M.STEP] for r in records] == [0, 1]
+    for record in steps + records:
+        missing = [k for k in M.STEP_RECORD_KEYS if k not in record]
+        assert not missing, missing
+        assert all(isinstance(record[k], (int, float)) for k in M.STEP_RECORD_KEYS)
+
+    png = run_dir / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(e["event"] == "metrics_plotted" and e["path"] == str(png) for e in events)
+    assert events[-1]["event"] == "run_done"
+    time.sleep(0.2)
+    assert alive(engine_pids) == []

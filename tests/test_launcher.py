@@ -1,0 +1,107 @@
+"""The launcher in scripts/train.py without an engine: the process group it cleans up,
+the parent-death signal, restarts after fatal errors, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from scripts import train
+from tests.faults import REPO
+from tests.helpers import alive
+
+
+def test_kill_process_group_takes_down_what_ignores_sigterm_and_leaves_the_rest():
+    # A "training process" whose child ignores SIGTERM, and dies first (like a
+    # SIGKILLed trainer leaving its engine behind).
+    leader = subprocess.Popen(
+        ["bash", "-c", "trap '' TERM; (trap '' TERM; exec sleep 60) & echo $!; wait"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    orphan = int(leader.stdout.readline())
+    bystander = subprocess.Popen(["sleep", "60"])  # another group: must survive
+    try:
+        os.kill(leader.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, leader.pid, os.WEXITED | os.WNOWAIT)
+        assert alive([orphan]) == [orphan]
+        t0 = time.monotonic()
+        assert train._kill_process_group(leader.pid) == [orphan]
+        assert time.monotonic() - t0 < 5
+        assert alive([orphan]) == []
+        assert alive([bystander.pid]) == [bystander.pid]
+        assert train._kill_process_group(leader.pid) == []  # nothing left: a no-op
+    finally:
+        leader.wait()
+        bystander.kill()
+        bystander.wait()
+        for pid in alive([orphan]):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_training_child_gets_sigterm_when_the_launcher_dies(tmp_path):
+    flag = tmp_path / "got-sigterm"
+    child_code = (
+        "import os, signal, sys, time; sys.path.insert(0, %r); from scripts import train; "
+        "signal.signal(signal.SIGTERM, lambda *a: (open(%r, 'w').close(), os._exit(0))); "
+        "train._die_with_launcher(os.getppid()); print('ready', flush=True); time.sleep(60)"
+    ) % (str(REPO), str(flag))
+    launcher_code = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', %r]); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    ) % child_code
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline() == "ready\n"  # the child shares the launcher's stdout
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flag.exists()
+    finally:
+        for pid in alive([child]):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_cli(tmp_path, *args, timeout=120):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_a_fatal_error_is_restarted_at_most_max_restarts_times(tmp_path, tiny_model_path):
+    rc, events = run_cli(
+        # Overrides before and after the option: the restart appends one more.
+        tmp_path, f"model.path={tiny_model_path}", f"run.output_dir={tmp_path / 'run'}", "--max-restarts", "1",
+        "task.name=python", "task.factory=tests.helpers:failing_task",
+    )
+    assert rc == 1
+    names = [e["event"] for e in events]
+    assert names.count("training_process_started") == 2
+    assert names.count("run_failed") == 2 and names.count("run_restart") == 1
+    restart = events[names.index("run_restart")]
+    assert restart["restart"] == 1 and restart["max_restarts"] == 1 and restart["exit_code"] == 1
+    assert names.index("run_restart") < names.index("run_failed", names.index("run_restart"))
+    assert events[-1]["event"] == "run_failed" and "failed on purpose" in events[-1]["error"]
+    children = [e["pid"] for e in events if e["event"] == "training_process_started"]
+    assert alive(children) == []
+
+
+def test_bad_input_is_not_restarted_and_starts_no_training_process(tmp_path):
+    rc, events = run_cli(tmp_path, "--max-restarts", "3", "run.stepz=3")
+    assert rc == 2
+    assert [e["event"] for e in events] == ["config_error"]
+    assert events[0]["key"] == "run.stepz"
+
+
+def test_a_negative_max_restarts_is_a_usage_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--max-restarts", "-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "--max-restarts: must be >= 0" in proc.stderr
