@@ -138,6 +138,7 @@ def test_first_worker_error_is_reraised_and_closes_the_queue():
     sup.start()
     with pytest.raises(OSError, match="no such device") as info:
         sup.wait_ready(5)
+    assert "raised in worker gen-0 (engine 0)" in info.value.__notes__
     assert sup.failed_worker.name == "gen-0"
     with pytest.raises(QueueClosed) as closed:
         sup.queue.acquire(timeout=0)
