@@ -6,6 +6,9 @@ Runbook
     python scripts/train.py                      # SmolLM2-135M-Instruct on arithmetic
     python scripts/train.py model.path=tiny run.steps=3 run.output_dir=/tmp/run1
     python scripts/train.py --config my.yaml algo.max_staleness=2 engine.count=2
+    python scripts/train.py --max-restarts 2 run.output_dir=runs/long   # resumes after a crash
+    kill -TERM <launcher pid>                    # finish the step, checkpoint, exit 143
+    python scripts/train.py run.output_dir=runs/long   # continues from its last checkpoint
 
 Configuration: the defaults in trainer/config.py, then the YAML file given with
 --config, then `section.key=value` overrides (values parsed as YAML). An unknown key
@@ -120,6 +123,7 @@ def _main(argv: list[str] | None) -> int:
     from trainer.trainer import Trainer
 
     trainer = Trainer(cfg)
+    log = log.bind(run_id=trainer.run_id)  # the final event names the run too
     try:
         history = trainer.fit()
     except ConfigError as e:
@@ -174,12 +178,10 @@ def launch(argv: list[str]) -> int:
     configure_logging(args.log_format or cfg.log.format, cfg.log.level)
 
     signals: list[int] = []  # received by the launcher, forwarded to the child
+    pending: list[int] = []  # received while no child could take them (being started)
     child: subprocess.Popen | None = None
 
-    def forward(signum, frame):
-        signals.append(signum)
-        if child is None or child.returncode is not None:
-            return
+    def deliver(signum: int) -> None:
         try:
             if len(signals) >= 3:  # the child did not stop on two: stop waiting for it
                 os.killpg(child.pid, signal.SIGKILL)
@@ -187,6 +189,13 @@ def launch(argv: list[str]) -> int:
                 os.kill(child.pid, signum)
         except ProcessLookupError:
             pass
+
+    def forward(signum, frame):
+        signals.append(signum)
+        if child is None or child.returncode is not None:
+            pending.append(signum)
+        else:
+            deliver(signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, forward)
@@ -202,6 +211,8 @@ def launch(argv: list[str]) -> int:
             env={**os.environ, CHILD_ENV: str(os.getpid())},
             start_new_session=True,  # its own session and process group: pgid == pid
         )
+        while pending:  # arrived while it was being started
+            deliver(pending.pop(0))
         log.info("training_process_started", pid=child.pid, restart=restarts)
         # Wait without reaping, so that the PID (the group's id) cannot be reused until
         # the group is killed.

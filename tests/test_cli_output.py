@@ -62,6 +62,7 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     assert trainer_records
     run_ids = {e.get("run_id") for e in trainer_records}
     assert len(run_ids) == 1 and None not in run_ids, run_ids
+    assert events[-1]["event"] == "run_done" and events[-1]["run_id"] in run_ids
 
     # vLLM's spawned processes (EngineCore and its worker) log JSON lines too.
     (started,) = [e for e in events if e["event"] == "worker_started"]

@@ -18,6 +18,7 @@ def test_sigkill_engine_core_exits_1_with_run_failed(tmp_path, tiny_model_path, 
     assert r.last["event"] == "run_failed"
     assert r.last["error_type"] == "EngineDeadError"
     assert r.last["worker"] == "gen-0" and r.last["engine"] == 0
+    assert r.last["run_id"] == next(e["run_id"] for e in r.events if e["event"] == "worker_started")
     assert r.last["exception"][0]["exc_type"] == "EngineDeadError"
     assert r.detect_s is not None and r.detect_s < r.exit_s
     assert r.leftover_pids == []

@@ -192,6 +192,9 @@ def _route_vllm_logging(fmt: str, colors: bool, level: str) -> None:
     }
     os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = _write_config(config)
+    # An engine built earlier in this process (a notebook, a test) left vLLM's own handler
+    # on the "vllm" logger: through our chain from now on, not from the next engine build.
+    adopt_logger("vllm")
 
 
 def _write_config(config: dict[str, Any]) -> str:

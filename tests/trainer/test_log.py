@@ -297,3 +297,21 @@ def test_engine_process_logs_json_lines_to_its_stdout(tmp_path):
     assert started["level"] == "info"
     assert failed["exception"][0]["exc_type"] == "ZeroDivisionError"
     assert done.stderr == ""
+
+
+def test_a_vllm_logger_set_up_before_is_taken_over():
+    """An engine built earlier in the process (vLLM's default config: its own stdout
+    handler, propagate=False) must not keep vLLM's records out of our chain."""
+    vllm_logger = logging.getLogger("vllm")
+    foreign = logging.StreamHandler(io.StringIO())
+    vllm_logger.addHandler(foreign)
+    vllm_logger.propagate = False
+    try:
+        stream = json_stream()
+        logging.getLogger("vllm.v1.engine").warning("after an earlier engine")
+        (record,) = lines(stream)
+        assert record["event"] == "after an earlier engine"
+        assert foreign not in vllm_logger.handlers and foreign.stream.getvalue() == ""
+    finally:
+        vllm_logger.removeHandler(foreign)
+        vllm_logger.propagate = True
