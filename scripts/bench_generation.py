@@ -29,7 +29,8 @@ from trainer.models import resolve_model_path  # noqa: E402
 from trainer.tasks import ArithmeticTask, render_prompt  # noqa: E402
 from workers.engine import Engine, engine_kwargs  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402
-from workers.worker import GenerationWorker, PromptItem, RewardSpec, SamplingSpec  # noqa: E402
+from workers.rewards import RewardFunction, RewardPool, RewardSpec  # noqa: E402
+from workers.worker import GenerationWorker, PromptItem, SamplingSpec  # noqa: E402
 
 ENGINE = dict(max_model_len=512, max_num_seqs=64, seed=0, dtype="auto", logprobs_mode="processed_logprobs",
               device_id=None, gpu_memory_utilization=0.85, enforce_eager=True)
@@ -61,6 +62,7 @@ def measure(model, prompts, sampling: SamplingSpec, rounds: int) -> tuple[list[f
     ]
     queue = RolloutQueue(max_staleness=0, groups_per_step=n)  # n permits: one round at a time
     source = CyclingPrompts(prompts)
+    rewards = RewardPool(RewardSpec([RewardFunction("zero", lambda text, prompt: 0.0)])).start()
 
     def make_worker(i, on_error, start_gate):
         return GenerationWorker(
@@ -69,7 +71,7 @@ def measure(model, prompts, sampling: SamplingSpec, rounds: int) -> tuple[list[f
             queue=queue,
             prompts=source,
             sampling=sampling,
-            reward=RewardSpec(fn=lambda text, prompt: 0.0),
+            rewards=rewards,
             max_groups_in_flight=2 * ENGINE["max_num_seqs"] // sampling.group_size,  # as the Trainer does
             on_error=on_error,
             start_gate=start_gate,
@@ -95,6 +97,7 @@ def measure(model, prompts, sampling: SamplingSpec, rounds: int) -> tuple[list[f
         queue.retire(n)
     finally:
         sup.shutdown(30)
+        rewards.shutdown()
         llm.llm_engine.engine_core.shutdown()
     return plain, ours
 

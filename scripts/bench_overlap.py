@@ -32,8 +32,9 @@ import torch  # noqa: E402  (the simulated engine reports a dtype)
 from capacity import RolloutQueue  # noqa: E402
 from scripts.benchlib import quiet, record, table  # noqa: E402
 from workers.engine import Completion, FinishedRequest  # noqa: E402
+from workers.rewards import RewardFunction, RewardPool, RewardSpec  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402
-from workers.worker import GenerationWorker, PromptItem, RewardSpec, SamplingSpec  # noqa: E402
+from workers.worker import GenerationWorker, PromptItem, SamplingSpec  # noqa: E402
 
 
 class SimEngine:
@@ -100,6 +101,7 @@ class Prompts:
 def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, groups_per_step: int, seed: int):
     queue = RolloutQueue(max_staleness, groups_per_step)
     prompts = Prompts()
+    rewards = RewardPool(RewardSpec([RewardFunction("coin", lambda text, prompt: float(random.random() < 0.5))])).start()
 
     def make_worker(i, on_error, start_gate):
         return GenerationWorker(
@@ -108,7 +110,7 @@ def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, 
             queue=queue,
             prompts=prompts,
             sampling=SamplingSpec(group_size=2, max_tokens=2, seed=seed),
-            reward=RewardSpec(fn=lambda text, prompt: float(random.random() < 0.5)),
+            rewards=rewards,
             max_groups_in_flight=queue.permits,
             on_error=on_error,
             start_gate=start_gate,
@@ -131,6 +133,7 @@ def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, 
             queue.retire(groups_per_step)
     finally:
         sup.shutdown(5)
+        rewards.shutdown()
     total = time.monotonic() - t0
     return total / steps, sum(waits) / total, max(staleness)
 

@@ -149,6 +149,8 @@ def _main(argv: list[str] | None) -> int:
             worker=worker.name if worker else None,
             engine=worker.index if worker else None,
             step=trainer.step,
+            # The error's own fields: a reward error names the function, prompt and time.
+            **getattr(e, "log_fields", {}),
             exc_info=e,
         )
         return ExitCode.FATAL

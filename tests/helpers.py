@@ -1,6 +1,9 @@
 """Helpers shared by the integration tests."""
 
+import asyncio
+import math
 import threading
+import time
 
 import psutil
 
@@ -51,3 +54,86 @@ def failing_task():
     """A task factory (task.factory=tests.helpers:failing_task) that fails: a fatal
     error (exit 1) before any engine starts."""
     raise RuntimeError("task factory failed on purpose")
+
+
+# ---- reward functions (module level: the process executor pickles them by name) -------
+
+
+def length_reward(text, prompt):
+    return len(text) / 100
+
+
+def nan_reward(text, prompt):
+    return math.nan
+
+
+def text_reward(text, prompt):
+    return "high"
+
+
+def stuck_reward(text, prompt):
+    """Never returns (within a test's lifetime): a stuck verifier."""
+    time.sleep(3600)
+    return 1.0
+
+
+def slow_reward(text, prompt):
+    """A verifier that takes 0.2 s per call, waiting on I/O."""
+    time.sleep(0.2)
+    return 1.0
+
+
+async def async_reward(text, prompt):
+    await asyncio.sleep(0.01)
+    return 0.25
+
+
+def rank_group(texts, prompt):
+    """Group-level: each completion's rank by length among the group (0 = shortest)."""
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    ranks = [0.0] * len(texts)
+    for rank, i in enumerate(order):
+        ranks[i] = float(rank)
+    return ranks
+
+
+def crash_process_reward(text, prompt):
+    """Kills its own process: a segfaulting verifier."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StuckOnPromptTask(LetterTask):
+    """LetterTask whose reward never returns for prompt `stuck_index` (default 3),
+    picklable (no lock), for the process executor too."""
+
+    stuck_index = 3
+
+    def __init__(self):
+        self.calls = 0
+
+    def __getstate__(self):
+        return {}
+
+    def reward(self, text, prompt):
+        if prompt.index == self.stuck_index:
+            time.sleep(3600)
+        return text.count("e") / max(len(text), 1)
+
+
+class NanOnPromptTask(StuckOnPromptTask):
+    """Returns NaN for prompt 3."""
+
+    def reward(self, text, prompt):
+        if prompt.index == 3:
+            return math.nan
+        return text.count("e") / max(len(text), 1)
+
+
+def stuck_on_prompt_5(text, prompt):
+    """A judge that never returns for prompt 5 and gives 0.5 elsewhere."""
+    if prompt.index == 5:
+        time.sleep(3600)
+    return 0.5

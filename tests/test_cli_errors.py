@@ -85,6 +85,34 @@ CASES = {
         "task.prompt_field",
         ["data.jsonl:2: missing field 'prompt' (fields: question, answer)"],
     ),
+    "overlong_prompt_with_overlong_error": (
+        lambda tmp, model: [
+            f"model.path={model}", "task.name=jsonl", "task.overlong=error", "engine.max_model_len=128",
+            "gen.max_tokens=16",
+            "task.path=" + str(write(tmp / "data.jsonl", '{"prompt": "1+1?", "answer": "2"}\n\n{"prompt": "'
+                                     + "long " * 200 + '", "answer": "4"}\n')),
+        ],
+        "task.path",
+        ["data.jsonl:3: prompt 1 has", "more than the 112 that fit (engine.max_model_len - gen.max_tokens)",
+         "task.overlong=skip"],
+    ),
+    "unknown_reward_function_field": (
+        lambda tmp, model: ["reward.functions=[{fn: task, wieght: 2}]"],
+        "reward.functions[0].wieght",
+        ["unknown field 'wieght' (did you mean 'weight'?)"],
+    ),
+    "unloadable_reward_function": (
+        lambda tmp, model: [f"model.path={model}", "reward.functions=[{fn: 'tests.helpers:no_such_reward'}]"],
+        "reward.functions[0].fn",
+        ["cannot load 'tests.helpers:no_such_reward'"],
+    ),
+    "unpicklable_reward_for_process_executor": (
+        lambda tmp, model: [
+            f"model.path={model}", "task.name=python", "task.factory=tests.helpers:LetterTask", "reward.executor=process",
+        ],
+        "reward.executor",
+        ["reward.executor=process: the reward functions must pickle"],
+    ),
 }
 
 

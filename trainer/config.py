@@ -77,6 +77,10 @@ class AlgoConfig:
     """AdamW weight decay"""
     micro_batch_size: int = 16
     """sequences per forward/backward pass; gradients accumulate over a step"""
+    max_nonfinite_steps: int = 3
+    """a step whose loss or gradient norm is NaN or infinite is skipped (the weights stay
+    as they are, `step_skipped_nonfinite` is logged); this many such steps in a row fail
+    the run"""
 
 
 @dataclasses.dataclass
@@ -117,20 +121,26 @@ class GenConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: Literal["arithmetic", "jsonl", "python"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl", "python", "math"] = "arithmetic"
     """"arithmetic": generated sums and differences; "jsonl": prompts and answers from a
-    file; "python": the object `task.factory` returns"""
+    file; "math": math problems from a JSONL or parquet file (GSM8K, MATH), graded by
+    math-verify; "python": the object `task.factory` returns"""
     factory: str | None = None
     """for name=python: "module:callable", called with no arguments, returning an object
     with prompt(index) -> trainer.tasks.Prompt and reward(text, prompt) -> float"""
     path: str | None = None
-    """the JSONL file, for name=jsonl: one JSON object per line"""
+    """the data file, required for name=jsonl (JSONL: one JSON object per line) and
+    name=math (.jsonl/.json or .parquet)"""
     prompt_field: str = "prompt"
     """JSONL field holding the user message"""
     answer_field: str = "answer"
     """JSONL field holding the reference answer"""
     max_operand: int = 10
     """arithmetic: operands are drawn from 0..max_operand"""
+    overlong: Literal["skip", "error"] = "skip"
+    """a prompt whose tokens + gen.max_tokens exceed engine.max_model_len: "skip" it
+    (a `prompt_skipped` event, counted in data/prompts_skipped), or "error": a file
+    task's overlong row stops the run at start, naming file:line"""
 
 
 @dataclasses.dataclass
@@ -143,14 +153,37 @@ class TrainerDeviceConfig:
 
 
 @dataclasses.dataclass
+class RewardFunctionConfig:
+    fn: str = "task"
+    """"module:callable", or "task": the task's own reward(text, prompt)"""
+    name: str | None = None
+    """logged as reward/<name>/mean; default: the callable's name ("task" for the task's)"""
+    weight: float = 1.0
+    """the reward is the weighted sum of the functions' values"""
+    group: bool = False
+    """called once per group as fn(texts, prompt) -> one number per text (judges,
+    ranking); otherwise once per completion as fn(text, prompt) -> number"""
+
+
+@dataclasses.dataclass
 class RewardConfig:
+    functions: list[RewardFunctionConfig] = dataclasses.field(default_factory=list)
+    """reward functions, like TRL's reward_funcs / reward_weights: a list of {fn, name,
+    weight, group} (or "module:callable" strings); empty: the task's own reward alone.
+    `async def` functions work too"""
+    executor: Literal["thread", "process"] = "thread"
+    """where reward calls run, off the engine's thread: "thread" (a stuck call is
+    abandoned, its thread counted) or "process" (spawned processes; a stuck call's
+    process is killed; the functions must pickle)"""
+    workers: int = 8
+    """reward calls running at once"""
     on_error: Literal["fail", "skip"] = "fail"
-    """when a reward function still fails after its last attempt: fail the run, or skip
-    the group (its permit is returned)"""
+    """when a reward call still fails after its last attempt (an exception, a timeout, a
+    NaN or non-number): fail the run, or skip the group (its permit is returned)"""
     max_attempts: int = 3
-    """attempts per reward call on transient errors"""
+    """attempts per reward call on transient errors (TransientRewardError, timeouts)"""
     timeout_s: float = 10.0
-    """longest time one reward call may take"""
+    """longest time one reward call may run"""
 
 
 @dataclasses.dataclass
@@ -297,7 +330,11 @@ class TrainerConfig:
             ),
             ("gen.temperature", gen.temperature > 0, "must be > 0"),
             ("gen.top_p", 0 < gen.top_p <= 1, "must be 0 < top_p <= 1"),
-            ("task.path", task.name != "jsonl" or bool(task.path), "is required when task.name is jsonl"),
+            (
+                "task.path",
+                task.name not in ("jsonl", "math") or bool(task.path),
+                "is required when task.name is jsonl or math",
+            ),
             (
                 "task.factory",
                 task.name != "python" or re.fullmatch(r"[\w.]+:[\w.]+", task.factory or "") is not None,
@@ -313,10 +350,29 @@ class TrainerConfig:
             ),
             ("reward.max_attempts", self.reward.max_attempts >= 1, "must be >= 1"),
             ("reward.timeout_s", self.reward.timeout_s > 0, "must be > 0"),
+            ("reward.workers", self.reward.workers >= 1, "must be >= 1"),
+            ("algo.max_nonfinite_steps", algo.max_nonfinite_steps >= 1, "must be >= 1"),
+        ]
+        names = []
+        for i, f in enumerate(self.reward.functions):
+            names.append(f.name or f.fn.rpartition(":")[2].rpartition(".")[2])
+            rules += [
+                (
+                    f"reward.functions[{i}].fn",
+                    f.fn == "task" or re.fullmatch(r"[\w.]+:[\w.]+", f.fn) is not None,
+                    'must be "module:callable" or "task"',
+                ),
+                (
+                    f"reward.functions[{i}].name",
+                    names[-1] not in names[:-1],
+                    f"must be unique among reward.functions (two are called {names[-1]!r}; set name)",
+                ),
+            ]
+        rules += [
         ]
         for key, ok, rule in rules:
             if not ok:
-                value = self._get(key)
+                value = self._get(key) if "[" not in key else self._get_item(key)
                 raise ConfigError(f"{key}: {rule}, got {value!r}", key=key)
 
     # ---- helpers ----------------------------------------------------------------------
@@ -354,6 +410,11 @@ class TrainerConfig:
         section_name, _, key = dotted.partition(".")
         setattr(getattr(self, section_name), key, _coerce(value, tp, dotted))
 
+    def _get_item(self, dotted: str) -> Any:
+        """The value of `section.key[i].field`."""
+        m = re.fullmatch(r"(\w+\.\w+)\[(\d+)\]\.(\w+)", dotted)
+        return getattr(self._get(m[1])[int(m[2])], m[3])
+
     def _get(self, dotted: str) -> Any:
         section_name, _, key = dotted.partition(".")
         return getattr(getattr(self, section_name), key)
@@ -386,13 +447,15 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
     return tp.__name__
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """`value` as the annotation `tp` asks, or ConfigError naming key, type and value.
 
-    Supported annotations: bool, int, float, str, Literal[...], list[X], X | None."""
+    Supported annotations: bool, int, float, str, Literal[...], list[X], X | None, and a dataclass (a mapping of its fields)."""
 
     def wrong() -> ConfigError:
         return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key=key)
@@ -414,10 +477,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise wrong()
         (inner,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(inner):  # its own errors name the item and field
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         try:
             return [_coerce(v, inner, key) for v in value]
         except ConfigError:
             raise wrong() from None
+    if dataclasses.is_dataclass(tp):
+        # A mapping of its fields; a string sets the first field ("module:callable").
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if isinstance(value, str):
+            value = {dataclasses.fields(tp)[0].name: value}
+        if not isinstance(value, Mapping):
+            raise wrong()
+        hints = _hints(tp)
+        item = tp()
+        for field, v in value.items():
+            if field not in hints:
+                raise ConfigError(
+                    f"{key}: unknown field '{field}'{_did_you_mean(str(field), list(hints))}. "
+                    f"Valid fields: {', '.join(hints)}",
+                    key=f"{key}.{field}",
+                )
+            setattr(item, field, _coerce(v, hints[field], f"{key}.{field}"))
+        return item
     # bool is an int subclass: check it first, and never accept it as a number.
     if tp is bool:
         if not isinstance(value, bool):

@@ -63,3 +63,8 @@ class ModelError(ConfigError):
     def __init__(self, message: str, path: str, key: str | None = "model.path"):
         super().__init__(f"{path}: {message}", key=key)
         self.path = path
+
+
+class NonFiniteSteps(RuntimeError):
+    """algo.max_nonfinite_steps steps in a row had a NaN or infinite loss or gradient
+    norm; none of them changed the weights. A fatal error (exit 1)."""

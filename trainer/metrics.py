@@ -8,6 +8,7 @@ all use these constants.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import statistics
 from typing import Any, Sequence
@@ -35,6 +36,19 @@ PERF_STEP_S = "perf/step_s"
 PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
 PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
 PERF_TRAIN_S = "perf/train_s"
+LOSS_NONFINITE_SKIPPED = "loss/nonfinite_skipped"  # 1: the step's update was skipped (NaN/inf)
+# Run totals (since this process started the run).
+DATA_PROMPTS_SKIPPED = "data/prompts_skipped"  # prompts that cannot fit the engine
+REWARD_GROUPS_SKIPPED = "reward/groups_skipped"  # groups given up (reward.on_error=skip)
+REWARD_TIMEOUTS = "reward/timeouts"  # reward calls past reward.timeout_s
+REWARD_ABANDONED_THREADS = "reward/abandoned_threads"  # stuck reward threads left behind
+
+
+def reward_function_mean(name: str) -> str:
+    """The mean of one reward function's values over a step's completions."""
+    return f"reward/{name}/mean"
+
+
 # Largest |trainer log-prob - engine log-prob| over tokens of groups sampled entirely
 # under the current policy version: ~0 proves the engines hold the trainer's weights.
 SYNC_LOGPROB_MAX_DIFF = "sync/logprob_max_diff"
@@ -54,6 +68,7 @@ STEP_RECORD_KEYS = (
     LOSS_IS_CAPPED_FRAC,
     LOSS_APPROX_KL,
     LOSS_GRAD_NORM,
+    LOSS_NONFINITE_SKIPPED,
     COMPLETION_MEAN_LEN,
     COMPLETION_CLIPPED_FRAC,
     CAPACITY_FREE,
@@ -66,6 +81,10 @@ STEP_RECORD_KEYS = (
     PERF_TRAIN_S,
     PERF_TRAINER_IDLE_FRAC,
     PERF_WEIGHT_SYNC_S,
+    DATA_PROMPTS_SKIPPED,
+    REWARD_GROUPS_SKIPPED,
+    REWARD_TIMEOUTS,
+    REWARD_ABANDONED_THREADS,
 )
 
 
@@ -76,7 +95,14 @@ def batch_metrics(groups: Sequence[Any], version: int) -> dict[str, float]:
     lengths = [len(c) for g in groups for c in g.completion_token_ids]
     finish = [f for g in groups for f in g.finish_reasons]
     staleness = [version - g.start_version for g in groups]
+    # One mean per reward function, when there are several (or one not the task's own).
+    names = list(groups[0].reward_terms)
+    terms = (
+        {reward_function_mean(n): statistics.fmean(v for g in groups for v in g.reward_terms[n]) for n in names}
+        if names != ["task"] else {}
+    )
     return {
+        **terms,
         REWARD_MEAN: statistics.fmean(rewards),
         REWARD_STD: statistics.pstdev(rewards),
         REWARD_FRAC_ZERO_STD_GROUPS: sum(len(set(g.rewards)) == 1 for g in groups) / len(groups),
@@ -97,3 +123,8 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as None: JSON has no NaN, and ops tooling chokes on it."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

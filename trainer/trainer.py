@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import signal
 import threading
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 import structlog
 import torch
@@ -36,78 +37,20 @@ from capacity import QueueClosed, RolloutQueue
 from trainer import checkpoint as ckpt
 from trainer import metrics as M
 from trainer.config import TrainerConfig
-from trainer.errors import ConfigError, RunInterrupted
+from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.loss import group_advantages, policy_loss
 from trainer.models import load_policy, resolve_model_path
 from trainer.policy import TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
-from trainer.tasks import build_task, render_prompt
+from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
+from trainer.rewards import reward_spec
+from trainer.tasks import build_task
 from workers.engine import Engine
+from workers.rewards import RewardPool
 from workers.supervisor import Supervisor
-from workers.worker import GenerationWorker, PromptItem, RewardSpec, RolloutGroup, SamplingSpec
+from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
 
 log = structlog.get_logger(__name__)
-
-
-class PromptCursor:
-    """Hands out prompts in index order to every worker thread: the shared prompt source.
-    A resumed run starts at the trained prompts' low-water mark and skips the indices in
-    `skip` (those above it that were already trained; see TrainedPrompts)."""
-
-    def __init__(self, task: Any, tokenizer: Any, start: int = 0, skip: Iterable[int] = ()):
-        self._task = task
-        self._tokenizer = tokenizer
-        self._lock = threading.Lock()
-        self.cursor = start
-        self._skip = {i for i in skip if i >= start}
-
-    def next(self) -> PromptItem:
-        with self._lock:
-            while self.cursor in self._skip:
-                self._skip.discard(self.cursor)
-                self.cursor += 1
-            index = self.cursor
-            self.cursor += 1
-            prompt = self._task.prompt(index)
-            token_ids = render_prompt(self._tokenizer, prompt)
-        return PromptItem(index=index, token_ids=token_ids, data=prompt)
-
-
-class TrainedPrompts:
-    """The prompt indices trained on so far: every index below `low_water`, and the
-    sparse set `above` it. Prompts are handed out in index order but trained in
-    completion order (several engines, staleness), so a prefix is not enough. Saved in
-    checkpoints: a resumed run hands out prompts from `low_water`, skipping `above`, so
-    no prompt is trained twice and none is skipped (groups in flight at the stop are
-    generated again). A group given up by its worker (reward.on_error=skip) stays below
-    the mark until a resumed run tries it again."""
-
-    def __init__(self, low_water: int = 0, above: Iterable[int] = ()):
-        self.low_water = low_water
-        self.above = set(above)
-        self._advance()
-
-    def add(self, indices: Iterable[int]) -> None:
-        for i in indices:
-            if i < self.low_water or i in self.above:
-                raise RuntimeError(f"prompt {i} trained on twice (low water mark {self.low_water})")
-            self.above.add(i)
-        self._advance()
-
-    def __contains__(self, index: int) -> bool:
-        return index < self.low_water or index in self.above
-
-    def _advance(self) -> None:
-        while self.low_water in self.above:
-            self.above.remove(self.low_water)
-            self.low_water += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"low_water": self.low_water, "above": sorted(self.above)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> TrainedPrompts:
-        return cls(int(state["low_water"]), (int(i) for i in state["above"]))
 
 
 class _StopRequested(Exception):
@@ -128,6 +71,7 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:12]
         self.output_dir = pathlib.Path(cfg.run.output_dir)
         self.supervisor: Supervisor | None = None
+        self.rewards: RewardPool | None = None
         self.queue: RolloutQueue | None = None
         self.history: list[dict[str, Any]] = []
         self._bar: StepBar | None = None  # a progress bar on a terminal (trainer/progress.py)
@@ -143,6 +87,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.supervisor = None
+        self.rewards = None
+        self._nonfinite_in_a_row = 0
         # First, so that a bad run.resume fails before anything heavy starts.
         self.resumed_from = self._checkpoint_to_resume()
         torch.manual_seed(cfg.run.seed)
@@ -170,7 +116,14 @@ class Trainer:
         self.step = self.start_step
         self._trim_metrics(self.output_dir / "metrics.jsonl", self.start_step)
         self.queue = RolloutQueue(cfg.algo.max_staleness, cfg.algo.groups_per_step, version=version)
-        self.prompts = PromptCursor(self.task, self.tokenizer, start=self.trained.low_water, skip=self.trained.above)
+        # A prompt that cannot fit: a file task's rows are checked now (task.overlong=error
+        # stops here, naming file:line), any other prompt when it is drawn.
+        max_prompt_tokens = cfg.engine.max_model_len - cfg.gen.max_tokens
+        scan_overlong(self.task, self.tokenizer, max_prompt_tokens, cfg.task.overlong)
+        self.prompts = PromptCursor(
+            self.task, self.tokenizer, start=self.trained.low_water, skip=self.trained.above,
+            max_prompt_tokens=max_prompt_tokens, overlong=cfg.task.overlong,
+        )
         self._complete = self.start_step >= cfg.run.steps
         if self._complete:
             log.info("run_already_complete", steps=self.start_step, checkpoint=str(self.resumed_from))
@@ -183,7 +136,8 @@ class Trainer:
             top_p=cfg.gen.top_p,
             seed=cfg.run.seed,
         )
-        reward = RewardSpec(fn=self.task.reward, max_attempts=cfg.reward.max_attempts, on_error=cfg.reward.on_error)
+        # Rewards run off the engines' threads, each call timed (workers/rewards.py).
+        self.rewards = RewardPool(reward_spec(cfg.reward, self.task)).start()
 
         def build_engine(i: int) -> Engine:
             return Engine(
@@ -214,7 +168,7 @@ class Trainer:
                 queue=self.queue,
                 prompts=self.prompts,
                 sampling=sampling,
-                reward=reward,
+                rewards=self.rewards,
                 max_groups_in_flight=groups_per_engine,
                 on_error=on_error,
                 start_gate=start_gate,
@@ -329,6 +283,7 @@ class Trainer:
             )
             self.queue.retire(B)
             self.trained.add(g.prompt_index for g in groups)
+            self.trained.add(self.prompts.take_skipped())  # overlong: done for good
             self.step = step + 1
             t1 = time.monotonic()
 
@@ -339,6 +294,7 @@ class Trainer:
                 M.POLICY_VERSION: self.queue.version,
                 **M.batch_metrics(groups, version),
                 **loss_stats,
+                **self._counter_metrics(),
                 M.CAPACITY_FREE: c.free,
                 M.CAPACITY_IN_FLIGHT: c.in_flight,
                 M.CAPACITY_QUEUED: c.queued,
@@ -349,6 +305,7 @@ class Trainer:
                 M.PERF_WEIGHT_SYNC_S: sync_s,
             }
             tokens_before = tokens_now
+            record = M.json_safe(record)  # a skipped non-finite step logs null, not NaN
             self.history.append(record)
             metrics_file.write(record)
             log.info("train_step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
@@ -364,6 +321,15 @@ class Trainer:
         self._save_final_model()
         self._plot_metrics()
         return self.history
+
+    def _counter_metrics(self) -> dict[str, int]:
+        """Run totals of what was skipped or went wrong off the main thread."""
+        return {
+            M.DATA_PROMPTS_SKIPPED: self.prompts.skipped_total,
+            M.REWARD_GROUPS_SKIPPED: sum(w.stats["skipped"] for w in self.supervisor.workers),
+            M.REWARD_TIMEOUTS: self.rewards.stats["timeouts"],
+            M.REWARD_ABANDONED_THREADS: self.rewards.stats["abandoned_threads"],
+        }
 
     def _get_batch(self, n: int) -> list[RolloutGroup]:
         try:
@@ -394,7 +360,7 @@ class Trainer:
         rows = [i for i in range(len(advantages)) if advantages[i] != 0]
         stats = {
             M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
-            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0,
+            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0,
         }
         if not rows:
             return stats  # no learning signal in this batch: the weights stay as they are
@@ -428,6 +394,23 @@ class Trainer:
         stats[M.LOSS_APPROX_KL] /= max(trained_tokens, 1)
         stats[M.LOSS_IS_CAPPED_FRAC] /= max(trained_tokens, 1)
         stats[M.LOSS_GRAD_NORM] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.algo.max_grad_norm))
+        if not (math.isfinite(stats[M.LOSS_POLICY]) and math.isfinite(stats[M.LOSS_GRAD_NORM])):
+            # Nothing non-finite may reach the weights, the engines or a checkpoint.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_in_a_row += 1
+            log.warning(
+                "step_skipped_nonfinite", loss=stats[M.LOSS_POLICY], grad_norm=stats[M.LOSS_GRAD_NORM],
+                in_a_row=self._nonfinite_in_a_row, max_nonfinite_steps=cfg.algo.max_nonfinite_steps,
+            )
+            if self._nonfinite_in_a_row >= cfg.algo.max_nonfinite_steps:
+                raise NonFiniteSteps(
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                    f"(algo.max_nonfinite_steps={cfg.algo.max_nonfinite_steps}); last: loss "
+                    f"{stats[M.LOSS_POLICY]}, grad norm {stats[M.LOSS_GRAD_NORM]}"
+                )
+            stats[M.LOSS_NONFINITE_SKIPPED] = 1
+            return stats
+        self._nonfinite_in_a_row = 0
         self.optimizer.step()
         return stats
 
@@ -531,6 +514,8 @@ class Trainer:
             self._bar.close()
         if self.supervisor is not None:
             self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s)
+        if self.rewards is not None:
+            self.rewards.shutdown()  # kills reward processes; a stuck reward thread is a daemon
         if self.queue is not None:
             discarded = self.queue.discard_queued()
             log.info("capacity_final", discarded_groups=discarded, **self.queue.counters().as_dict())

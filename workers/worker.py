@@ -1,8 +1,10 @@
 """The generation worker: one OS thread that owns one vLLM engine.
 
-Loop: apply inbox commands (new weights, stop) -> acquire slots while the engine has
-room (blocking only when it is idle) -> submit one request of `group_size` samples per
-slot -> `engine.step()` -> score finished groups -> `slot.put(group)`.
+Loop: apply inbox commands (new weights, stop) -> put the groups whose rewards are in
+-> acquire slots while the engine has room (blocking only when it is idle) -> submit one
+request of `group_size` samples per slot -> `engine.step()` -> hand finished groups to
+the reward pool (workers/rewards.py) and step on. A group's slot stays held while it is
+scored; it is put once the rewards are in, or released if they cannot be had.
 
 The engine is touched only from this thread (vLLM's engine is not thread-safe); other
 threads talk to the worker through its inbox. Any exception ends the thread and is
@@ -20,19 +22,17 @@ import time
 from typing import Any, Callable, Protocol
 
 import structlog
-import tenacity
 
 from capacity import QueueClosed, ReleaseReason, RolloutQueue, Slot
+from workers.rewards import (  # noqa: F401 - the reward errors are part of the worker's API
+    GroupScore,
+    RewardFailed,
+    RewardPool,
+    RewardTimeout,
+    TransientRewardError,
+)
 
 log = structlog.get_logger(__name__)
-
-
-class TransientRewardError(Exception):
-    """Raise from a reward function for errors worth retrying (a flaky verifier)."""
-
-
-class RewardFailed(RuntimeError):
-    """A reward function failed after its last attempt; the group cannot be scored."""
 
 
 @dataclasses.dataclass
@@ -60,14 +60,6 @@ class SamplingSpec:
 
 
 @dataclasses.dataclass
-class RewardSpec:
-    fn: Callable[[str, Any], float]  # (completion text, prompt data) -> reward
-    max_attempts: int = 3
-    wait_s: float = 0.05  # first retry wait; doubles per attempt
-    on_error: str = "fail"  # "fail" the run or "skip" the group
-
-
-@dataclasses.dataclass
 class RolloutGroup:
     """One prompt's `group_size` completions, scored: the unit the trainer consumes."""
 
@@ -77,7 +69,8 @@ class RolloutGroup:
     behaviour_logprobs: list[list[float]]  # [G][len_i]: log-prob of each sampled token
     texts: list[str]
     finish_reasons: list[str | None]
-    rewards: list[float]  # [G]
+    rewards: list[float]  # [G]: the weighted sum of the reward functions
+    reward_terms: dict[str, list[float]]  # reward function name -> [G] its values
     start_version: int  # policy version when the slot was acquired
     weight_versions: tuple[int, int]  # engine weight versions at submit and at finish
     worker: str
@@ -103,6 +96,17 @@ class _Active:
     t0: float
 
 
+@dataclasses.dataclass
+class _Scoring:
+    """A finished group whose rewards are being computed; its slot is still held."""
+
+    active: _Active
+    out: Any  # workers.engine.FinishedRequest
+    score: GroupScore
+    weight_versions: tuple[int, int]  # at submit and at finish
+    gen_s: float
+
+
 class GenerationWorker(threading.Thread):
     SHUTDOWN_S = 10.0  # engine shutdown bound after a clean stop
     FAILED_SHUTDOWN_S = 2.0  # ... and after the engine failed
@@ -113,7 +117,7 @@ class GenerationWorker(threading.Thread):
         queue: RolloutQueue,
         prompts: PromptSource,
         sampling: SamplingSpec,
-        reward: RewardSpec,
+        rewards: RewardPool,
         max_groups_in_flight: int,
         on_error: Callable[[GenerationWorker, BaseException], None],
         start_gate: threading.Event | None = None,
@@ -125,13 +129,14 @@ class GenerationWorker(threading.Thread):
         self._queue = queue
         self._prompts = prompts
         self._sampling = sampling
-        self._reward = reward
+        self._rewards = rewards
         self._max_groups = max(1, max_groups_in_flight)
         self._on_error = on_error
         self._start_gate = start_gate  # generation starts once it is set
         self._poll_s = poll_s
         self._inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, _Active] = {}  # request id -> group the engine generates
+        self._scoring: list[_Scoring] = []  # groups generated, rewards not in yet
         self._stopping = False
         self.engine: Any = None  # set once built; read by the watchdog
         self.ready = threading.Event()  # engine built (or the thread failed first)
@@ -182,12 +187,13 @@ class GenerationWorker(threading.Thread):
                 self._apply_inbox()
                 if self._stopping:
                     break
+                self._put_scored()
                 if not self._fill():
                     continue
                 finished = self.engine.step()
                 self.last_progress = time.monotonic()
                 for out in finished:
-                    self._finish(out)
+                    self._score(out)
         except QueueClosed:
             pass  # shutdown, or another thread failed first: nothing to report from here
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, never swallowed
@@ -245,61 +251,49 @@ class GenerationWorker(threading.Thread):
             self._active[rid] = _Active(slot, prompt, self.weight_version, time.monotonic())
         return bool(self._active)
 
-    def _finish(self, out: Any) -> None:
+    def _score(self, out: Any) -> None:
+        """Hand a finished group to the reward pool; the engine steps on meanwhile."""
         active = self._active.pop(out.request_id)
-        with active.slot as slot:
-            comps = out.completions
-            texts = [c.text for c in comps]
-            rewards = self._score(texts, active.prompt)
-            if rewards is None:
-                slot.release(ReleaseReason.FAILED)
-                self.stats["skipped"] += 1
-                return
-            group = RolloutGroup(
-                prompt_index=active.prompt.index,
-                prompt_token_ids=list(out.prompt_token_ids),
-                completion_token_ids=[list(c.token_ids) for c in comps],
-                behaviour_logprobs=[list(c.logprobs) for c in comps],
-                texts=texts,
-                finish_reasons=[c.finish_reason for c in comps],
-                rewards=rewards,
-                start_version=slot.version,
-                weight_versions=(active.version_at_submit, self.weight_version),
-                worker=self.name,
-                engine=self.index,
-                gen_s=time.monotonic() - active.t0,
-            )
-            self.stats["groups"] += 1
-            self.stats["tokens"] += sum(len(c.token_ids) for c in comps)
-            slot.put(group)
-
-    def _score(self, texts: list[str], prompt: PromptItem) -> list[float] | None:
-        """Rewards for a group; transient errors retried. None when skipped."""
-        spec = self._reward
-
-        def log_retry(state: tenacity.RetryCallState) -> None:
-            log.warning(
-                "reward_retry",
-                attempt=state.attempt_number,
-                wait_s=round(state.next_action.sleep, 3),
-                error=repr(state.outcome.exception()),
-                prompt_index=prompt.index,
-            )
-
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(spec.max_attempts),
-            wait=tenacity.wait_exponential(multiplier=spec.wait_s, max=2.0),
-            retry=tenacity.retry_if_exception_type(TransientRewardError),
-            before_sleep=log_retry,
-            reraise=True,
+        score = self._rewards.score([c.text for c in out.completions], active.prompt.data, active.prompt.index)
+        self._scoring.append(
+            _Scoring(active, out, score, (active.version_at_submit, self.weight_version), time.monotonic() - active.t0)
         )
-        try:
-            return [float(retrying(spec.fn, t, prompt.data)) for t in texts]
-        except Exception as e:
-            if spec.on_error == "skip":
-                log.warning("reward_failed_group_skipped", error=repr(e), prompt_index=prompt.index)
-                return None
-            raise RewardFailed(f"reward failed for prompt {prompt.index}: {e!r}") from e
+
+    def _put_scored(self) -> None:
+        """Put every group whose rewards are in; a group whose rewards cannot be had
+        is skipped (reward.on_error=skip: its permit returns) or fails the run."""
+        for scoring in [s for s in self._scoring if s.score.done()]:
+            self._scoring.remove(scoring)
+            active, comps = scoring.active, scoring.out.completions
+            with active.slot as slot:
+                try:
+                    rewards, terms = scoring.score.result()
+                except RewardFailed as e:
+                    scoring.score.cancel()
+                    if self._rewards.spec.on_error != "skip":
+                        raise
+                    log.warning("reward_failed_group_skipped", error_type=type(e).__name__, error=str(e), **e.log_fields)
+                    slot.release(ReleaseReason.FAILED)
+                    self.stats["skipped"] += 1
+                    continue
+                group = RolloutGroup(
+                    prompt_index=active.prompt.index,
+                    prompt_token_ids=list(scoring.out.prompt_token_ids),
+                    completion_token_ids=[list(c.token_ids) for c in comps],
+                    behaviour_logprobs=[list(c.logprobs) for c in comps],
+                    texts=[c.text for c in comps],
+                    finish_reasons=[c.finish_reason for c in comps],
+                    rewards=rewards,
+                    reward_terms=terms,
+                    start_version=slot.version,
+                    weight_versions=scoring.weight_versions,
+                    worker=self.name,
+                    engine=self.index,
+                    gen_s=scoring.gen_s,
+                )
+                self.stats["groups"] += 1
+                self.stats["tokens"] += sum(len(c.token_ids) for c in comps)
+                slot.put(group)
 
     def _release_all(self, reason: ReleaseReason) -> None:
         if self._active and self.engine is not None:
@@ -307,7 +301,10 @@ class GenerationWorker(threading.Thread):
                 self.engine.abort(list(self._active))
             except Exception:  # noqa: BLE001 - the engine may be dead; the slots matter more
                 pass
-        for active in self._active.values():
+        for scoring in self._scoring:
+            scoring.score.cancel()
+        for active in [*self._active.values(), *(s.active for s in self._scoring)]:
             if active.slot.held:
                 active.slot.release(reason)
         self._active.clear()
+        self._scoring.clear()

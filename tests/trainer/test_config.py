@@ -119,7 +119,7 @@ def test_override_without_equals_sign():
         ("algo.scale_rewards=1", "algo.scale_rewards: expected bool, got 1 (int)"),
         ("engine.devices=1", "engine.devices: expected a list of int or null, got 1 (int)"),
         ("engine.devices=[a]", "engine.devices: expected a list of int or null, got ['a'] (list)"),
-        ("task.name=csv", "task.name: expected one of 'arithmetic', 'jsonl', 'python', got 'csv' (str)"),
+        ("task.name=csv", "task.name: expected one of 'arithmetic', 'jsonl', 'python', 'math', got 'csv' (str)"),
         ("log.format=xml", "log.format: expected one of 'auto', 'json', 'console', got 'xml' (str)"),
         ("model.path=[1]", "model.path: expected str, got [1] (list)"),
     ],

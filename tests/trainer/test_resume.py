@@ -18,7 +18,8 @@ from tests.helpers import LetterTask, run_threads
 from trainer import TrainerConfig
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError, RunInterrupted
-from trainer.trainer import PromptCursor, TrainedPrompts, Trainer
+from trainer.prompts import PromptCursor, TrainedPrompts
+from trainer.trainer import Trainer
 from workers.engine import Completion, FinishedRequest
 
 

@@ -9,8 +9,9 @@ import torch
 
 from capacity import QueueClosed, RolloutQueue
 from workers.engine import Completion, EngineDeadError, FinishedRequest
+from workers.rewards import RewardFunction, RewardPool, RewardSpec
 from workers.supervisor import EngineHung, EngineStartTimeout, Supervisor, WeightSyncTimeout
-from workers.worker import GenerationWorker, PromptItem, RewardSpec, SamplingSpec
+from workers.worker import GenerationWorker, PromptItem, SamplingSpec
 
 
 class BlockingEngine:
@@ -79,7 +80,7 @@ def supervisor(build_engine, hang_timeout_s=60.0, permits_per_step=2):
     def make_worker(i, on_error, start_gate):
         return GenerationWorker(
             i, build_engine=build_engine, queue=queue, prompts=Prompts(),
-            sampling=SamplingSpec(group_size=2, max_tokens=4), reward=RewardSpec(fn=lambda t, p: 1.0),
+            sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=RewardPool(RewardSpec([RewardFunction("one", lambda t, p: 1.0)])).start(),
             max_groups_in_flight=2, on_error=on_error, start_gate=start_gate,
         )
 
