@@ -28,8 +28,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from trainer.models import resolve_model_path  # noqa: E402
 from trainer.tasks import ArithmeticTask, render_prompt  # noqa: E402
 from workers.engine import Engine, engine_kwargs  # noqa: E402
-from workers.supervisor import Supervisor  # noqa: E402
 from workers.rewards import RewardFunction, RewardPool, RewardSpec  # noqa: E402
+from workers.supervisor import Supervisor  # noqa: E402
 from workers.worker import GenerationWorker, PromptItem, SamplingSpec  # noqa: E402
 
 ENGINE = dict(max_model_len=512, max_num_seqs=64, seed=0, dtype="auto", logprobs_mode="processed_logprobs",

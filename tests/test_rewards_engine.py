@@ -121,3 +121,19 @@ def test_skip_stuck_rewards_and_overlong_prompts_and_complete(tmp_path, tiny_mod
     c = trainer.final_counters  # assert_drained passed inside fit
     assert c.released["failed"] >= 1 and c.consumed == c.retired == 8
     assert run_threads() == []
+
+
+def test_the_math_task_trains_through_the_cli_with_the_process_executor(tmp_path, tiny_model_path):
+    from tests.math_sample import write_math_sample
+
+    files = write_math_sample(tmp_path / "data")
+    run = Run(
+        tmp_path, tiny_model_path, "task.name=math", f"task.path={files['parquet']}", "task.prompt_field=question",
+        "run.steps=2", "gen.max_tokens=16", "reward.executor=process", "reward.workers=2",
+    )
+    run.wait_for(is_event("run_done"), timeout=240)
+    assert run.finish(timeout=60) == 0
+    steps = [e for e in run.events if e["event"] == "train_step"]
+    assert [s["step"] for s in steps] == [0, 1]
+    # A random tiny model answers no GSM8K question: every reward is a real 0 from math-verify.
+    assert all(s[M.REWARD_MEAN] == 0.0 and s[M.REWARD_TIMEOUTS] == 0 and s[M.REWARD_GROUPS_SKIPPED] == 0 for s in steps)

@@ -41,7 +41,9 @@ def _overlong_error(task: Any, index: int, tokens: int, max_prompt_tokens: int) 
     )
     if location is not None:
         path, _, line = location.rpartition(":")
-        return DataError(message, path, int(line) if line.isdigit() else None, key="task.path")
+        if line.isdigit():
+            return DataError(message, path, int(line), key="task.path")
+        return DataError(f"{line}: {message}", path, key="task.path")  # "row N" of a parquet file
     return DataError(message, f"task {type(task).__name__}", key="task.path")
 
 

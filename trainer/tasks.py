@@ -2,8 +2,8 @@
 
 Prompts are addressed by a global index (the trainer's prompt cursor), so a resumed run
 continues exactly where it stopped and every engine can draw from the same sequence.
-Rewards are pure Python functions of the completion text: they run in the worker
-threads.
+Rewards are Python functions of the completion text; they run in the reward pool
+(workers/rewards.py), off the engines' threads, each call timed.
 
 Built in:
 * `ArithmeticTask`: "What is 17 + 25? Answer with just the number.", generated from

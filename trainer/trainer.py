@@ -399,7 +399,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_in_a_row += 1
             log.warning(
-                "step_skipped_nonfinite", loss=stats[M.LOSS_POLICY], grad_norm=stats[M.LOSS_GRAD_NORM],
+                # As text: JSON has no NaN.
+                "step_skipped_nonfinite", loss=str(stats[M.LOSS_POLICY]), grad_norm=str(stats[M.LOSS_GRAD_NORM]),
                 in_a_row=self._nonfinite_in_a_row, max_nonfinite_steps=cfg.algo.max_nonfinite_steps,
             )
             if self._nonfinite_in_a_row >= cfg.algo.max_nonfinite_steps:
