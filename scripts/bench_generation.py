@@ -102,6 +102,16 @@ def measure(model, prompts, sampling: SamplingSpec, rounds: int) -> tuple[list[f
     return plain, ours
 
 
+def workload(name: str, args: argparse.Namespace) -> tuple[str, list[list[int]], SamplingSpec]:
+    """The model path, `args.prompts` arithmetic prompts in its chat template, and the
+    sampling (n = args.group_size, max_tokens = args.max_tokens)."""
+    model = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    task = ArithmeticTask(seed=0)
+    prompts = [render_prompt(tokenizer, task.prompt(i)) for i in range(args.prompts)]
+    return model, prompts, SamplingSpec(group_size=args.group_size, max_tokens=args.max_tokens, seed=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
@@ -113,11 +123,7 @@ def main() -> None:
     quiet()
     rows = []
     for name in args.models:
-        model = resolve_model_path(name)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        task = ArithmeticTask(seed=0)
-        prompts = [render_prompt(tokenizer, task.prompt(i)) for i in range(args.prompts)]
-        sampling = SamplingSpec(group_size=args.group_size, max_tokens=args.max_tokens, seed=0)
+        model, prompts, sampling = workload(name, args)
         plain_rates, our_rates = measure(model, prompts, sampling, args.rounds)
         plain, ours = statistics.median(plain_rates), statistics.median(our_rates)
         rows.append([name, f"{plain:,.0f}", f"{ours:,.0f}", f"{ours / plain:.2f}"])

@@ -22,13 +22,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from transformers import AutoTokenizer  # noqa: E402
-
 from capacity import RolloutQueue  # noqa: E402
-from scripts.bench_generation import ENGINE, CyclingPrompts  # noqa: E402
+from scripts.bench_generation import ENGINE, CyclingPrompts, workload  # noqa: E402
 from scripts.benchlib import quiet, record, table  # noqa: E402
-from trainer.models import resolve_model_path  # noqa: E402
-from trainer.tasks import ArithmeticTask, render_prompt  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.rewards import RewardFunction, RewardPool, RewardSpec  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402
@@ -92,11 +88,7 @@ def main() -> None:
     quiet()
     rows = []
     for name in args.models:
-        model = resolve_model_path(name)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        task = ArithmeticTask(seed=0)
-        prompts = [render_prompt(tokenizer, task.prompt(i)) for i in range(args.prompts)]
-        sampling = SamplingSpec(group_size=args.group_size, max_tokens=args.max_tokens, seed=0)
+        model, prompts, sampling = workload(name, args)
         instant, slow, calls = measure(model, prompts, sampling, args.rounds, args.delay, args.reward_workers)
         a, b = statistics.median(instant), statistics.median(slow)
         rows.append([name, args.reward_workers, f"{a:,.0f}", f"{b:,.0f}", f"{b / a:.2f}", calls])

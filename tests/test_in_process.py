@@ -88,7 +88,8 @@ def test_exception_in_the_main_thread_stops_workers_and_engines(tmp_path, tiny_m
 
 def test_transient_reward_errors_are_retried(tmp_path, tiny_model_path):
     task = LetterTask(fail=lambda index, call: call <= 2)  # the first two calls fail
-    trainer = Trainer(config(tmp_path, tiny_model_path, "run.steps=2"), task=task)
+    # One reward thread: calls run one at a time, so both failures hit the same completion.
+    trainer = Trainer(config(tmp_path, tiny_model_path, "run.steps=2", "reward.workers=1"), task=task)
     with capture_logs() as logs:
         history = trainer.fit()
     assert len(history) == 2

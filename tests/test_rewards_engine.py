@@ -11,7 +11,8 @@ import pytest
 
 from tests.faults import Run, event_time, is_event
 from tests.helpers import NanOnPromptTask, alive, run_threads
-from trainer import Trainer, TrainerConfig
+from tests.test_in_process import config as in_process_config
+from trainer import Trainer
 from trainer import metrics as M
 from workers.rewards import RewardInvalid
 
@@ -49,14 +50,7 @@ def test_a_stuck_reward_ends_the_run_as_a_reward_timeout_naming_function_and_pro
 
 
 def config(tmp_path, model_path, *overrides):
-    return TrainerConfig.load(
-        None,
-        [
-            f"model.path={model_path}", f"run.output_dir={tmp_path / 'run'}", "algo.group_size=4",
-            "algo.groups_per_step=2", "gen.max_tokens=16", "engine.max_model_len=128",
-            "engine.max_num_seqs=16", *overrides,
-        ],
-    )
+    return in_process_config(tmp_path, model_path, "engine.max_model_len=128", *overrides)
 
 
 def reward_pids_while_training(trainer, found, timeout=240):
