@@ -27,64 +27,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402  (the simulated engine reports a dtype)
-
 from capacity import RolloutQueue  # noqa: E402
 from scripts.benchlib import quiet, record, table  # noqa: E402
-from workers.engine import Completion, FinishedRequest  # noqa: E402
+from tests.fake_engine import FakeEngine  # noqa: E402
 from workers.rewards import RewardFunction, RewardPool, RewardSpec  # noqa: E402
 from workers.supervisor import Supervisor  # noqa: E402
 from workers.worker import GenerationWorker, PromptItem, SamplingSpec  # noqa: E402
 
 
-class SimEngine:
-    """The Engine interface with sleeps: each request finishes after its drawn time."""
-
-    dtype = torch.float32
-
-    def __init__(self, mean_s: float, seed: int, tick_s: float = 0.002):
-        self.rng = random.Random(seed)
-        self.mean_s = mean_s
-        self.tick_s = tick_s
-        self.pending: dict[str, tuple[float, list[int], int]] = {}
-
-    def submit(self, request_id, prompt_token_ids, *, n, max_tokens, temperature=1.0, top_p=1.0, seed=None):
-        # lognormal with the given mean: mu = ln(mean) - sigma^2 / 2
-        duration = self.rng.lognormvariate(math.log(self.mean_s) - 0.125, 0.5)
-        self.pending[request_id] = (time.monotonic() + duration, list(prompt_token_ids), n)
-
-    def step(self):
-        time.sleep(self.tick_s)
-        now = time.monotonic()
-        done = [rid for rid, (t, _, _) in self.pending.items() if t <= now]
-        out = []
-        for rid in done:
-            _, prompt, n = self.pending.pop(rid)
-            comps = [Completion([1, 2], [-0.5, -0.5], "x", "stop") for _ in range(n)]
-            out.append(FinishedRequest(rid, prompt, comps))
-        return out
-
-    def num_unfinished(self):
-        return len(self.pending)
-
-    def abort(self, request_ids):
-        for rid in request_ids:
-            self.pending.pop(rid, None)
-
-    def load_weights(self, data, version=None):
-        return 0
-
-    def is_alive(self):
-        return True
-
-    def process_pids(self):
-        return []
-
-    def wake_blocked(self):
-        pass
-
-    def shutdown(self, timeout=10.0):
-        pass
+def sim_engine(mean_s: float, seed: int) -> FakeEngine:
+    """The fake engine with lognormal group generation times of the given mean
+    (mu = ln(mean) - sigma^2 / 2, sigma 0.5), stepping every 2 ms."""
+    rng = random.Random(seed)
+    return FakeEngine(step_s=0.002, duration=lambda: rng.lognormvariate(math.log(mean_s) - 0.125, 0.5))
 
 
 class Prompts:
@@ -106,7 +61,7 @@ def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, 
     def make_worker(i, on_error, start_gate):
         return GenerationWorker(
             i,
-            build_engine=lambda: SimEngine(gen_mean_s, seed + i),
+            build_engine=lambda: sim_engine(gen_mean_s, seed + i),
             queue=queue,
             prompts=prompts,
             sampling=SamplingSpec(group_size=2, max_tokens=2, seed=seed),

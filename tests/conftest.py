@@ -27,3 +27,14 @@ def tiny_engine(tiny_model_path):
     engine = Engine(tiny_model_path, dtype="float32", max_model_len=512, max_num_seqs=16)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """The Trainer builds tests/fake_engine.FakeEngine instead of vLLM engines."""
+    import trainer.trainer as trainer_mod
+    from tests.fake_engine import FakeEngine
+
+    FakeEngine.instances = []
+    monkeypatch.setattr(trainer_mod, "Engine", FakeEngine)
+    return FakeEngine

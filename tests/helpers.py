@@ -8,7 +8,7 @@ import time
 import psutil
 
 from trainer.tasks import Prompt
-from workers.worker import TransientRewardError
+from workers.rewards import TransientRewardError
 
 
 class LetterTask:

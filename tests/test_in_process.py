@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from trainer import Trainer, TrainerConfig
 from tests.helpers import LetterTask, alive, run_threads
 from workers.engine import EngineDeadError
-from workers.worker import RewardFailed, TransientRewardError
+from workers.rewards import RewardFailed, TransientRewardError
 
 pytestmark = pytest.mark.engine
 

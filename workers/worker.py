@@ -24,13 +24,7 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from capacity import QueueClosed, ReleaseReason, RolloutQueue, Slot
-from workers.rewards import (  # noqa: F401 - the reward errors are part of the worker's API
-    GroupScore,
-    RewardFailed,
-    RewardPool,
-    RewardTimeout,
-    TransientRewardError,
-)
+from workers.rewards import GroupScore, RewardFailed, RewardPool
 
 log = structlog.get_logger(__name__)
 

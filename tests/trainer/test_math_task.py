@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.math_sample import GSM8K_GOLDS, GSM8K_ROWS, MATH_GOLDS, MATH_ROWS, write_jsonl, write_math_sample
+from tests.math_sample import GSM8K_GOLDS, GSM8K_ROWS, MATH_GOLDS, write_jsonl, write_math_sample
 from trainer.config import TaskConfig, TrainerConfig
 from trainer.errors import ConfigError, DataError
 from trainer.tasks import JsonlTask, MathTask, Prompt, build_task, extract_gold_answer

@@ -1,6 +1,6 @@
 """No non-finite value reaches the optimizer, the engines or a checkpoint: a step whose
 loss or gradient norm is NaN/inf is skipped and logged, and algo.max_nonfinite_steps
-such steps in a row fail the run. The fake engine of test_resume (the loss is injected
+such steps in a row fail the run. The fake engine (tests/fake_engine.py) (the loss is injected
 at a precise step); the trainer, queue, workers and checkpoints are real."""
 
 import math
@@ -11,18 +11,11 @@ from structlog.testing import capture_logs
 
 import trainer.trainer as trainer_mod
 from tests.helpers import LetterTask
-from tests.trainer.test_resume import FakeEngine, config
+from tests.trainer.test_resume import config
 from trainer import Trainer
 from trainer import checkpoint as ckpt
 from trainer import metrics as M
 from trainer.errors import NonFiniteSteps
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    FakeEngine.instances = []
-    monkeypatch.setattr(trainer_mod, "Engine", FakeEngine)
-    return FakeEngine
 
 
 def poison_loss(monkeypatch, bad_steps, trainer):

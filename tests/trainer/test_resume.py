@@ -14,13 +14,13 @@ import torch
 from structlog.testing import capture_logs
 
 import trainer.trainer as trainer_mod
+from tests.fake_engine import FakeEngine
 from tests.helpers import LetterTask, run_threads
 from trainer import TrainerConfig
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError, RunInterrupted
 from trainer.prompts import PromptCursor, TrainedPrompts
 from trainer.trainer import Trainer
-from workers.engine import Completion, FinishedRequest
 
 
 # ---- the prompt record ---------------------------------------------------------------
@@ -60,70 +60,6 @@ def test_a_resumed_cursor_hands_out_every_untrained_prompt_once_in_order():
 
 
 # ---- a fake engine in the real Trainer ----------------------------------------------------
-
-
-class FakeEngine:
-    """Stands in for workers.engine.Engine: a group finishes at the engine's next step;
-    sample i of a group is "e" * i + "x" * (3 - i), so LetterTask rewards vary and every
-    step really trains. Prompts with index >= `stall_from` never finish (a slow engine:
-    the trainer waits for rollouts). Everything it is asked is logged in `calls`."""
-
-    dtype = torch.float32
-    instances: list["FakeEngine"] = []
-    stall_from = 10**9
-    step_s = 0.005
-
-    def __init__(self, model_path, *, index=0, **kwargs):
-        self.index = index
-        self.pending = {}
-        self.calls = []
-        self.closed = False
-        FakeEngine.instances.append(self)
-
-    def submit(self, request_id, prompt_token_ids, *, n, **kwargs):
-        self.calls.append(("submit", int(request_id.split("-")[1])))
-        self.pending[request_id] = (list(prompt_token_ids), n)
-
-    def step(self):
-        time.sleep(self.step_s)
-        finished = []
-        for rid, (prompt, n) in list(self.pending.items()):
-            if int(rid.split("-")[1]) >= self.stall_from:
-                continue
-            del self.pending[rid]
-            comps = [Completion([7] * (i + 1), [-1.5] * (i + 1), "e" * i + "x" * (3 - i), "stop") for i in range(n)]
-            finished.append(FinishedRequest(rid, prompt, comps))
-        return finished
-
-    def num_unfinished(self):
-        return len(self.pending)
-
-    def abort(self, request_ids):
-        for rid in request_ids:
-            self.pending.pop(rid, None)
-
-    def load_weights(self, data, version=None):
-        self.calls.append(("load", version))
-        return 0
-
-    def is_alive(self):
-        return not self.closed
-
-    def process_pids(self):
-        return []
-
-    def wake_blocked(self):
-        pass
-
-    def shutdown(self, timeout=10.0):
-        self.closed = True
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    FakeEngine.instances = []
-    monkeypatch.setattr(trainer_mod, "Engine", FakeEngine)
-    return FakeEngine
 
 
 def config(run_dir, tiny_model_path, *overrides):

@@ -12,11 +12,11 @@ from structlog.testing import capture_logs
 
 from capacity import RolloutQueue
 from tests import helpers
+from tests.fake_engine import FakeEngine
 from trainer.config import RewardConfig, RewardFunctionConfig
 from trainer.errors import ConfigError
 from trainer.rewards import build_reward_functions
 from trainer.tasks import Prompt
-from workers.engine import Completion, FinishedRequest
 from workers.rewards import (
     RewardFailed,
     RewardFunction,
@@ -205,32 +205,6 @@ def test_reward_functions_from_config():
 # ---- the worker keeps stepping while rewards run ------------------------------------------
 
 
-class CountingEngine:
-    """Finishes each request on the next step; counts steps."""
-
-    def __init__(self):
-        self.pending = {}
-        self.steps = 0
-
-    def submit(self, request_id, prompt_token_ids, *, n, **kwargs):
-        self.pending[request_id] = (prompt_token_ids, n)
-
-    def step(self):
-        self.steps += 1
-        time.sleep(0.005)
-        done, self.pending = self.pending, {}
-        return [FinishedRequest(r, p, [Completion([5], [-1.0], "e", "stop")] * n) for r, (p, n) in done.items()]
-
-    def abort(self, request_ids):
-        pass
-
-    def process_pids(self):
-        return []
-
-    def shutdown(self, timeout=10.0):
-        pass
-
-
 class Prompts:
     def __init__(self):
         self.i = -1
@@ -250,7 +224,7 @@ def test_the_engine_steps_while_a_group_is_scored_and_its_slot_stays_held():
 
     queue = RolloutQueue(max_staleness=1, groups_per_step=2)  # 4 permits
     rewards = pool(RewardFunction("gated", gated), workers=4)
-    engine = CountingEngine()
+    engine = FakeEngine()
     errors = []
     worker = GenerationWorker(
         0, build_engine=lambda: engine, queue=queue, prompts=Prompts(),

@@ -1,68 +1,16 @@
-"""Supervisor paths that need a fault at a precise point: a fake engine that blocks
+"""Supervisor paths that need a fault at a precise point: the fake engine blocks
 exactly where vLLM does (the real-engine versions are in tests/test_faults.py)."""
 
 import threading
 import time
 
 import pytest
-import torch
 
 from capacity import QueueClosed, RolloutQueue
-from workers.engine import Completion, EngineDeadError, FinishedRequest
+from tests.fake_engine import FakeEngine
 from workers.rewards import RewardFunction, RewardPool, RewardSpec
 from workers.supervisor import EngineHung, EngineStartTimeout, Supervisor, WeightSyncTimeout
 from workers.worker import GenerationWorker, PromptItem, SamplingSpec
-
-
-class BlockingEngine:
-    """Finishes each request on the next step, unless told to block: then step() or
-    load_weights() waits, like vLLM on a stuck engine, until wake_blocked()."""
-
-    dtype = torch.float32
-
-    def __init__(self, block_step=False, block_load=False):
-        self.block_step = block_step
-        self.block_load = block_load
-        self.woken = threading.Event()
-        self.pending = {}
-        self.shut_down = False
-
-    def _block(self):
-        self.woken.wait()
-        raise EngineDeadError()
-
-    def submit(self, request_id, prompt_token_ids, *, n, **kwargs):
-        self.pending[request_id] = (prompt_token_ids, n)
-
-    def step(self):
-        if self.block_step:
-            self._block()
-        done, self.pending = self.pending, {}
-        return [FinishedRequest(r, p, [Completion([5], [-1.0], "e", "stop")] * n) for r, (p, n) in done.items()]
-
-    def num_unfinished(self):
-        return len(self.pending)
-
-    def abort(self, request_ids):
-        for r in request_ids:
-            self.pending.pop(r, None)
-
-    def load_weights(self, data, version=None):
-        if self.block_load:
-            self._block()
-        return 0
-
-    def is_alive(self):
-        return True
-
-    def process_pids(self):
-        return []
-
-    def wake_blocked(self):
-        self.woken.set()
-
-    def shutdown(self, timeout=10.0):
-        self.shut_down = True
 
 
 class Prompts:
@@ -90,7 +38,7 @@ def supervisor(build_engine, hang_timeout_s=60.0, permits_per_step=2):
 def test_a_step_that_never_returns_is_a_hang_with_stacks_logged():
     from structlog.testing import capture_logs
 
-    engine = BlockingEngine(block_step=True)
+    engine = FakeEngine(block_step=True)
     sup = supervisor(lambda: engine, hang_timeout_s=0.3)
     sup.start()
     sup.wait_ready(5)
@@ -104,12 +52,12 @@ def test_a_step_that_never_returns_is_a_hang_with_stacks_logged():
     stacks = [e for e in logs if e["event"] == "thread_stack"]
     assert "gen-0" in {e["thread_name"] for e in stacks}
     assert sup.shutdown(5) == []
-    assert engine.shut_down
+    assert engine.closed
     sup.queue.check()
 
 
 def test_weight_sync_that_never_finishes_times_out():
-    engine = BlockingEngine(block_load=True)
+    engine = FakeEngine(block_load=True)
     sup = supervisor(lambda: engine)
     sup.start()
     sup.wait_ready(5)
@@ -121,7 +69,7 @@ def test_weight_sync_that_never_finishes_times_out():
 
 def test_engine_that_never_starts_times_out_and_refuses_new_work():
     never = threading.Event()
-    sup = supervisor(lambda: never.wait() and BlockingEngine())
+    sup = supervisor(lambda: never.wait() and FakeEngine())
     sup.start()
     with pytest.raises(EngineStartTimeout, match="gen-0"):
         sup.wait_ready(0.3)
