@@ -98,3 +98,50 @@ def test_two_engines_both_generate_and_get_every_version(tmp_path, tiny_model_pa
     assert run_threads() == []
     assert len(set(pids)) >= 2
     assert alive(pids) == []
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # Dr.GRPO with GSPO's sequence ratio and an entropy bonus.
+        ["algo.loss_agg=seq_mean_token_sum_norm", "algo.scale_rewards=none", "algo.ratio_level=sequence",
+         "algo.clip_low=3e-4", "algo.clip_high=4e-4", "algo.entropy_coef=0.01"],
+        # The GRPO paper's aggregation with batch-scaled advantages, a KL penalty to the
+        # initial policy, and dynamic sampling.
+        ["algo.loss_agg=seq_mean_token_mean", "algo.scale_rewards=batch", "algo.kl_coef=0.1",
+         "algo.kl_estimator=k3", "algo.filter_zero_std=true"],
+    ],
+    ids=["drgrpo_gspo_entropy", "grpo_batch_kl_filter"],
+)
+def test_loss_variants_train_with_the_real_engine(tmp_path, tiny_model_path, variant):
+    trainer = Trainer(tiny_config(tmp_path, tiny_model_path, "run.steps=2", *variant), task=LetterTask())
+    initial = {k: v.clone() for k, v in trainer_weights(tiny_model_path).items()}
+    history = trainer.fit()
+    assert [h[M.STEP] for h in history] == [0, 1]
+    for h in history:
+        assert h[M.LOSS_NONFINITE_SKIPPED] == 0 and h[M.LOSS_ENTROPY] > 0 and h[M.LOSS_GRAD_NORM] > 0, h
+    moved = [k for k, p in trainer.policy.named_parameters() if not torch.equal(initial[k], p.detach())]
+    assert moved
+    if "algo.kl_coef=0.1" in variant:  # policy == reference at step 0; apart after a step
+        assert abs(history[0][M.LOSS_KL_REF]) < 1e-4 < history[1][M.LOSS_KL_REF]
+        assert all(h[M.REWARD_FILTERED_GROUPS] >= 0 and h[M.REWARD_FRAC_ZERO_STD_GROUPS] == 0 for h in history)
+    assert run_threads() == []
+
+
+def trainer_weights(model_path):
+    model, _ = load_policy(model_path)
+    return dict(model.named_parameters())
+
+
+def test_mask_truncated_leaves_cut_off_completions_out(tmp_path, tiny_model_path):
+    # The random tiny model never stops by itself: every completion is cut off at
+    # gen.max_tokens, so with mask_truncated nothing is in the loss and nothing moves.
+    trainer = Trainer(
+        tiny_config(tmp_path, tiny_model_path, "run.steps=2", "algo.mask_truncated=true"), task=LetterTask()
+    )
+    initial = {k: v.clone() for k, v in trainer_weights(tiny_model_path).items()}
+    history = trainer.fit()
+    for h in history:
+        assert h[M.COMPLETION_CLIPPED_FRAC] == 1.0
+        assert h[M.LOSS_ENTROPY] is None and h[M.LOSS_GRAD_NORM] == 0.0 and h[M.LOSS_POLICY] == 0.0, h
+    assert all(torch.equal(initial[k], p.detach()) for k, p in trainer.policy.named_parameters())

@@ -69,8 +69,30 @@ class AlgoConfig:
     """PPO clip: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher)"""
     is_cap: float = 2.0
     """truncated importance sampling: the policy/behaviour ratio is capped at this"""
-    scale_rewards: bool = True
-    """divide advantages by the group's reward std"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """advantages (reward - group mean) divided by the group's reward std, the batch's,
+    or not at all (Dr.GRPO)"""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """how per-token terms make the loss: a mean over every token of the batch (DAPO), a
+    mean over sequences of each one's token mean (GRPO paper), or token sums over
+    sequences * gen.max_tokens (Dr.GRPO); trainer/loss.py has the formulas"""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """importance ratio per token (PPO/GRPO), or per sequence as the geometric mean of
+    its tokens' ratios (GSPO; use small clip_low/clip_high, e.g. 3e-4/4e-4)"""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus in the loss (loss - entropy_coef * entropy);
+    loss/entropy is logged either way"""
+    kl_coef: float = 0.0
+    """weight of a KL penalty to a frozen reference model (the initial policy, loaded
+    beside it); 0 loads no reference model"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """the per-token KL estimator (trainer/loss.py kl_penalty)"""
+    filter_zero_std: bool = False
+    """dynamic sampling (DAPO): a group whose rewards are all equal carries no signal; it
+    is released (reason "filtered") and another prompt generated in its place"""
+    mask_truncated: bool = False
+    """leave completions cut off by gen.max_tokens out of the loss (DAPO's overlong
+    filtering); they still count in their group's advantages"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     weight_decay: float = 0.0
@@ -352,6 +374,7 @@ class TrainerConfig:
             ("reward.timeout_s", self.reward.timeout_s > 0, "must be > 0"),
             ("reward.workers", self.reward.workers >= 1, "must be >= 1"),
             ("algo.max_nonfinite_steps", algo.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("algo.kl_coef", algo.kl_coef >= 0, "must be >= 0"),
         ]
         names = []
         for i, f in enumerate(self.reward.functions):

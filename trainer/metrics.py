@@ -36,9 +36,12 @@ PERF_STEP_S = "perf/step_s"
 PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
 PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
 PERF_TRAIN_S = "perf/train_s"
+LOSS_ENTROPY = "loss/entropy"  # mean entropy of the policy over the trained tokens (null: none)
+LOSS_KL_REF = "loss/kl_ref"  # mean KL(policy || reference) estimate, when algo.kl_coef > 0
 LOSS_NONFINITE_SKIPPED = "loss/nonfinite_skipped"  # 1: the step's update was skipped (NaN/inf)
 # Run totals (since this process started the run).
 DATA_PROMPTS_SKIPPED = "data/prompts_skipped"  # prompts that cannot fit the engine
+REWARD_FILTERED_GROUPS = "reward/filtered_groups"  # groups with no reward spread released (filter_zero_std)
 REWARD_GROUPS_SKIPPED = "reward/groups_skipped"  # groups given up (reward.on_error=skip)
 REWARD_TIMEOUTS = "reward/timeouts"  # reward calls past reward.timeout_s
 REWARD_ABANDONED_THREADS = "reward/abandoned_threads"  # stuck reward threads left behind
@@ -68,6 +71,7 @@ STEP_RECORD_KEYS = (
     LOSS_IS_CAPPED_FRAC,
     LOSS_APPROX_KL,
     LOSS_GRAD_NORM,
+    LOSS_ENTROPY,
     LOSS_NONFINITE_SKIPPED,
     COMPLETION_MEAN_LEN,
     COMPLETION_CLIPPED_FRAC,
@@ -82,6 +86,7 @@ STEP_RECORD_KEYS = (
     PERF_TRAINER_IDLE_FRAC,
     PERF_WEIGHT_SYNC_S,
     DATA_PROMPTS_SKIPPED,
+    REWARD_FILTERED_GROUPS,
     REWARD_GROUPS_SKIPPED,
     REWARD_TIMEOUTS,
     REWARD_ABANDONED_THREADS,

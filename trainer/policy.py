@@ -27,6 +27,7 @@ class TokenBatch:
         behaviour: list[list[float]],
         pad_id: int,
         device: torch.device | str,
+        in_loss: list[bool] | None = None,  # [N] False: the row's tokens stay out of the loss mask
     ) -> TokenBatch:
         n = len(prompts)
         t = max(len(p) + len(c) for p, c in zip(prompts, completions))
@@ -40,7 +41,7 @@ class TokenBatch:
             attention_mask[i, : len(seq)] = 1
             # Column len(p)-1 predicts the first completion token.
             start, end = len(p) - 1, len(p) - 1 + len(c)
-            completion_mask[i, start:end] = 1.0
+            completion_mask[i, start:end] = 1.0 if in_loss is None or in_loss[i] else 0.0
             behaviour_lp[i, start:end] = torch.tensor(b, dtype=torch.float32)
         return TokenBatch(
             input_ids=input_ids.to(device),
@@ -62,16 +63,26 @@ class TokenBatch:
         )
 
 
-def token_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Tensor:
-    """Log-prob under the policy of each next token: [N, T-1]. Logits are divided by the
-    sampling temperature, so they match vLLM's processed log-probs."""
+def token_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Log-prob under the policy of each next token, and the entropy of the policy's
+    next-token distribution there: ([N, T-1], [N, T-1]). Logits are divided by the
+    sampling temperature, so they match vLLM's processed log-probs. The entropy carries
+    a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise it is
+    computed without one, for the loss/entropy metric."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float()  # [N, T-1, V]
     if temperature != 1.0:
         logits = logits / temperature
     targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [N, T-1, 1]
+    lse = torch.logsumexp(logits, dim=-1)  # [N, T-1]
     # log_softmax then gather, written as logit - logsumexp to avoid a second [N, T-1, V] tensor.
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets).squeeze(-1) - lse
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        src, src_lse = (logits, lse) if entropy_grad else (logits.detach(), lse.detach())
+        entropy = src_lse - (torch.softmax(src, dim=-1) * src).sum(-1)  # H = lse - E_p[logit]
+    return logprobs, entropy
 
 
 def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype) -> bytes:

@@ -38,7 +38,7 @@ from trainer import checkpoint as ckpt
 from trainer import metrics as M
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
-from trainer.loss import group_advantages, policy_loss
+from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import load_policy, resolve_model_path
 from trainer.policy import TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
@@ -101,6 +101,10 @@ class Trainer:
 
         self.policy, self.tokenizer = load_policy(self.model_path, self.device, self.dtype)
         self.policy.train()
+        self.reference = None  # the frozen initial policy, for algo.kl_coef
+        if cfg.algo.kl_coef > 0:
+            self.reference, _ = load_policy(self.model_path, self.device, self.dtype)
+            self.reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
         )
@@ -172,6 +176,7 @@ class Trainer:
                 max_groups_in_flight=groups_per_engine,
                 on_error=on_error,
                 start_gate=start_gate,
+                filter_zero_std=cfg.algo.filter_zero_std,
             )
 
         self.supervisor = Supervisor(self.queue, make_worker, count, hang_timeout_s=cfg.engine.hang_timeout_s)
@@ -284,6 +289,8 @@ class Trainer:
             self.queue.retire(B)
             self.trained.add(g.prompt_index for g in groups)
             self.trained.add(self.prompts.take_skipped())  # overlong: done for good
+            for w in self.supervisor.workers:
+                self.trained.add(w.take_filtered())  # no reward spread: done for this run
             self.step = step + 1
             t1 = time.monotonic()
 
@@ -327,6 +334,7 @@ class Trainer:
         return {
             M.DATA_PROMPTS_SKIPPED: self.prompts.skipped_total,
             M.REWARD_GROUPS_SKIPPED: sum(w.stats["skipped"] for w in self.supervisor.workers),
+            M.REWARD_FILTERED_GROUPS: sum(w.stats["filtered"] for w in self.supervisor.workers),
             M.REWARD_TIMEOUTS: self.rewards.stats["timeouts"],
             M.REWARD_ABANDONED_THREADS: self.rewards.stats["abandoned_threads"],
         }
@@ -349,19 +357,27 @@ class Trainer:
             behaviour=[lp for g in groups for lp in g.behaviour_logprobs],
             pad_id=self.pad_id,
             device=self.device,
+            # algo.mask_truncated: completions cut off by gen.max_tokens stay out of the loss.
+            in_loss=[not (cfg.algo.mask_truncated and f == "length") for g in groups for f in g.finish_reasons],
+        )
+        norm = LossNorm(
+            tokens=batch.num_tokens, seqs=int((batch.completion_mask.sum(-1) > 0).sum()), max_tokens=cfg.gen.max_tokens
         )
         advantages = advantages.to(self.device)
         version = self.queue.version
         on_policy = torch.tensor(  # [B*G] rows sampled entirely by the current weights
             [g.weight_versions == (version, version) for g in groups for _ in range(G)], device=self.device
         )
-        # Rows with zero advantage add exactly zero to the loss: skip their compute. The
-        # loss stays a token mean over the whole batch (its denominator counts them).
-        rows = [i for i in range(len(advantages)) if advantages[i] != 0]
+        # Without an entropy term, rows with zero advantage add exactly zero to the loss:
+        # skip their compute. The aggregate's denominators still count them (`norm`).
+        entropy_coef, kl_coef = cfg.algo.entropy_coef, cfg.algo.kl_coef
+        rows = [i for i in range(len(advantages)) if advantages[i] != 0 or entropy_coef != 0 or kl_coef != 0]
         stats = {
             M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
-            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0,
+            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0, M.LOSS_ENTROPY: None,
         }
+        if kl_coef != 0:
+            stats[M.LOSS_KL_REF] = None
         if not rows:
             return stats  # no learning signal in this batch: the weights stay as they are
         self.optimizer.zero_grad(set_to_none=True)
@@ -373,18 +389,29 @@ class Trainer:
             if sub.num_tokens == 0:
                 continue
             self._check()  # a long step on a big model should not delay a worker error or a stop
-            logprobs = token_logprobs(self.policy, sub, cfg.gen.temperature)
-            loss, s = policy_loss(
+            logprobs, entropy = token_logprobs(self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0)
+            loss, s = policy_loss(  # this micro-batch's share of the batch loss
                 logprobs, sub.behaviour_logprobs, advantages[idx], sub.completion_mask,
                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, is_cap=cfg.algo.is_cap,
+                norm=norm, loss_agg=cfg.algo.loss_agg, ratio_level=cfg.algo.ratio_level,
             )
-            (loss * (sub.num_tokens / batch.num_tokens)).backward()
+            total = loss
+            if entropy_coef != 0:  # an entropy bonus, aggregated like the loss
+                total = total - entropy_coef * aggregate(entropy, sub.completion_mask, cfg.algo.loss_agg, norm)
+            if kl_coef != 0:  # a penalty for drifting from the initial policy
+                with torch.no_grad():
+                    ref_logprobs, _ = token_logprobs(self.reference, sub, cfg.gen.temperature)
+                kl = kl_penalty(logprobs, ref_logprobs, cfg.algo.kl_estimator)  # [n, L]
+                total = total + kl_coef * aggregate(kl, sub.completion_mask, cfg.algo.loss_agg, norm)
+                stats[M.LOSS_KL_REF] = (stats[M.LOSS_KL_REF] or 0.0) + (kl.detach() * sub.completion_mask).sum().item()
+            total.backward()
             sync_rows = on_policy[idx]
             if sync_rows.any():
                 diff = ((logprobs.detach() - sub.behaviour_logprobs).abs() * sub.completion_mask)[sync_rows]
                 stats[M.SYNC_LOGPROB_MAX_DIFF] = max(stats.get(M.SYNC_LOGPROB_MAX_DIFF, 0.0), diff.max().item())
             w = sub.num_tokens
-            stats[M.LOSS_POLICY] += loss.item() * w / batch.num_tokens
+            stats[M.LOSS_POLICY] += loss.item()
+            stats[M.LOSS_ENTROPY] = (stats[M.LOSS_ENTROPY] or 0.0) + (entropy.detach() * sub.completion_mask).sum().item()
             stats[M.LOSS_CLIP_FRAC] += s["clip_frac"] * w
             stats[M.LOSS_APPROX_KL] += s["approx_kl"] * w
             stats[M.LOSS_IS_CAPPED_FRAC] += s["is_capped_frac"] * w
@@ -393,6 +420,9 @@ class Trainer:
         stats[M.LOSS_CLIP_FRAC] /= max(trained_tokens, 1)
         stats[M.LOSS_APPROX_KL] /= max(trained_tokens, 1)
         stats[M.LOSS_IS_CAPPED_FRAC] /= max(trained_tokens, 1)
+        for key in (M.LOSS_ENTROPY, M.LOSS_KL_REF):
+            if stats.get(key) is not None:
+                stats[key] /= max(trained_tokens, 1)
         stats[M.LOSS_GRAD_NORM] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.algo.max_grad_norm))
         if not (math.isfinite(stats[M.LOSS_POLICY]) and math.isfinite(stats[M.LOSS_GRAD_NORM])):
             # Nothing non-finite may reach the weights, the engines or a checkpoint.

@@ -116,6 +116,7 @@ class GenerationWorker(threading.Thread):
         on_error: Callable[[GenerationWorker, BaseException], None],
         start_gate: threading.Event | None = None,
         poll_s: float = 0.05,
+        filter_zero_std: bool = False,
     ):
         super().__init__(name=f"gen-{index}", daemon=True)
         self.index = index
@@ -128,6 +129,8 @@ class GenerationWorker(threading.Thread):
         self._on_error = on_error
         self._start_gate = start_gate  # generation starts once it is set
         self._poll_s = poll_s
+        self._filter_zero_std = filter_zero_std  # release groups whose rewards are all equal
+        self._filtered: queue_mod.SimpleQueue = queue_mod.SimpleQueue()  # their prompt indices
         self._inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._active: dict[str, _Active] = {}  # request id -> group the engine generates
         self._scoring: list[_Scoring] = []  # groups generated, rewards not in yet
@@ -136,7 +139,7 @@ class GenerationWorker(threading.Thread):
         self.ready = threading.Event()  # engine built (or the thread failed first)
         self.weight_version = 0
         self.last_progress = time.monotonic()  # last return from step(); for the hang watchdog
-        self.stats = {"groups": 0, "tokens": 0, "skipped": 0, "weight_loads": 0}
+        self.stats = {"groups": 0, "tokens": 0, "skipped": 0, "filtered": 0, "weight_loads": 0}
 
     # ---- called from other threads ------------------------------------------------
 
@@ -151,6 +154,15 @@ class GenerationWorker(threading.Thread):
 
     def in_flight(self) -> int:
         return len(self._active)
+
+    def take_filtered(self) -> list[int]:
+        """Prompt indices of the groups released as filtered since the last call."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._filtered.get_nowait())
+            except queue_mod.Empty:
+                return taken
 
     # ---- the thread -----------------------------------------------------------------
 
@@ -269,6 +281,13 @@ class GenerationWorker(threading.Thread):
                     log.warning("reward_failed_group_skipped", error_type=type(e).__name__, error=str(e), **e.log_fields)
                     slot.release(ReleaseReason.FAILED)
                     self.stats["skipped"] += 1
+                    continue
+                if self._filter_zero_std and len(set(rewards)) == 1:
+                    # No spread, no advantage: generate another prompt in its place (DAPO).
+                    slot.release(ReleaseReason.FILTERED)
+                    self.stats["filtered"] += 1
+                    self.stats["tokens"] += sum(len(c.token_ids) for c in comps)
+                    self._filtered.put(active.prompt.index)
                     continue
                 group = RolloutGroup(
                     prompt_index=active.prompt.index,

@@ -38,7 +38,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
         ("run.steps=3", "run.steps", 3),
         ("algo.lr=1e-5", "algo.lr", 1e-5),  # YAML 1.1 reads "1e-5" as a string
         ("algo.lr=2", "algo.lr", 2.0),  # int -> float
-        ("algo.scale_rewards=false", "algo.scale_rewards", False),
+        ("algo.scale_rewards=none", "algo.scale_rewards", "none"),
         ("engine.devices=[1,2]", "engine.devices", [1, 2]),
         ("engine.devices=null", "engine.devices", None),
         ("task.name=jsonl", "task.name", "jsonl"),
@@ -116,7 +116,7 @@ def test_override_without_equals_sign():
         ("run.steps=true", "run.steps: expected int, got True (bool)"),  # bool is not a number here
         ("algo.lr=fast", "algo.lr: expected float, got 'fast' (str)"),
         ("algo.lr=.nan", "algo.lr: expected float, got nan (float)"),
-        ("algo.scale_rewards=1", "algo.scale_rewards: expected bool, got 1 (int)"),
+        ("algo.scale_rewards=1", "algo.scale_rewards: expected one of 'group', 'batch', 'none', got 1 (int)"),
         ("engine.devices=1", "engine.devices: expected a list of int or null, got 1 (int)"),
         ("engine.devices=[a]", "engine.devices: expected a list of int or null, got ['a'] (list)"),
         ("task.name=csv", "task.name: expected one of 'arithmetic', 'jsonl', 'python', 'math', got 'csv' (str)"),

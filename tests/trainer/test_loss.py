@@ -36,7 +36,7 @@ def test_advantages_unscaled_are_reward_minus_group_mean():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 2.0]])
     # group 0: mean 0.25 -> [0.75, -0.25, -0.25, -0.25]; group 1: mean 2 -> [1, -1, 0, 0]
     expected = torch.tensor([[0.75, -0.25, -0.25, -0.25], [1.0, -1.0, 0.0, 0.0]])
-    torch.testing.assert_close(group_advantages(rewards, scale=False), expected)
+    torch.testing.assert_close(group_advantages(rewards, scale="none"), expected)
 
 
 def test_advantages_scaled_by_population_std():
@@ -46,21 +46,21 @@ def test_advantages_scaled_by_population_std():
     # group 1: deviations [0.5, -0.5, 0.5, -0.5], std 0.5 -> [1, -1, 1, -1]
     s3 = math.sqrt(3)
     expected = torch.tensor([[s3, -1 / s3, -1 / s3, -1 / s3], [1.0, -1.0, 1.0, -1.0]])
-    torch.testing.assert_close(group_advantages(rewards, scale=True), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(group_advantages(rewards, scale="group"), expected, rtol=1e-5, atol=1e-5)
     # With the sample std (n - 1) group 1 would be +-0.866: make sure it is not.
-    assert group_advantages(rewards, scale=True)[1, 0].item() == pytest.approx(0.5 / (0.5 + 1e-6))
+    assert group_advantages(rewards, scale="group")[1, 0].item() == pytest.approx(0.5 / (0.5 + 1e-6))
 
 
 def test_zero_variance_group_gives_exact_zeros():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.1, 0.1, 0.1], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    for scale in (True, False):
+    for scale in ("group", "batch", "none"):
         adv = group_advantages(rewards, scale=scale)
         assert torch.equal(adv[:3], torch.zeros(3, 3))  # exactly 0, not 1e-10
         assert adv[3, 0].item() > 0
 
 
 def test_single_group_as_a_vector():
-    adv = group_advantages(torch.tensor([2.0, 0.0]), scale=False)  # mean 1 -> [1, -1]
+    adv = group_advantages(torch.tensor([2.0, 0.0]), scale="none")  # mean 1 -> [1, -1]
     assert adv.tolist() == [1.0, -1.0]
 
 

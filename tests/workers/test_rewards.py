@@ -251,3 +251,27 @@ def test_the_engine_steps_while_a_group_is_scored_and_its_slot_stays_held():
     assert errors == []
     queue.retire(4)
     queue.check()
+
+
+def test_filter_zero_std_releases_groups_without_spread_and_reports_their_prompts():
+    def spread(texts, prompt):  # even prompts: all equal; odd prompts: 0, 1, ...
+        return [0.0 if prompt.index % 2 == 0 else float(i) for i in range(len(texts))]
+
+    queue = RolloutQueue(max_staleness=1, groups_per_step=2)
+    rewards = pool(RewardFunction("spread", spread, group=True))
+    worker = GenerationWorker(
+        0, build_engine=lambda: FakeEngine(), queue=queue, prompts=Prompts(),
+        sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=rewards,
+        max_groups_in_flight=2, on_error=lambda w, e: None, poll_s=0.01, filter_zero_std=True,
+    )
+    worker.start()
+    try:
+        batch = queue.get_batch(2, timeout=10, health_check=lambda: None)
+    finally:
+        worker.stop()
+        worker.join(10)
+        rewards.shutdown()
+    assert all(g.prompt_index % 2 == 1 for g in batch)
+    filtered = worker.take_filtered()
+    assert filtered and all(i % 2 == 0 for i in filtered) and worker.take_filtered() == []
+    assert queue.counters().released["filtered"] == worker.stats["filtered"] == len(filtered)
