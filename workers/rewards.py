@@ -155,13 +155,16 @@ class RewardPool:
         self.stats = {"calls": 0, "timeouts": 0, "retries": 0, "invalid": 0, "failed": 0, "abandoned_threads": 0}
         self._payload = _pickle_functions(spec.functions) if spec.executor == "process" else None
         self._scorers: list[_Scorer] = []
+        self.threads: list[threading.Thread] = []  # the scorer threads
 
     def start(self) -> RewardPool:
         ctx = contextvars.copy_context()  # log context (run_id) carries into the scorers
         for i in range(self.spec.workers):
             scorer = _Scorer(self, i)
             self._scorers.append(scorer)
-            threading.Thread(target=ctx.copy().run, args=(scorer.run,), name=f"reward-{i}", daemon=True).start()
+            thread = threading.Thread(target=ctx.copy().run, args=(scorer.run,), name=f"reward-{i}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
         return self
 
     def score(self, texts: Sequence[str], prompt_data: Any, prompt_index: int) -> GroupScore:
@@ -191,18 +194,17 @@ class RewardPool:
         if self._closed:
             return
         self._closed = True
+        # Calls nobody will run: cancelled (their groups' slots are released by the
+        # workers). Then one sentinel per scorer, so that every scorer thread ends.
+        while True:
+            try:
+                self._calls.get_nowait().future.cancel()
+            except queue_mod.Empty:
+                break
         for _ in self._scorers:
             self._calls.put(_STOP)
         for scorer in self._scorers:
             scorer.runner.close()
-        # Calls nobody will run: their groups' slots are released by the workers.
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue_mod.Empty:
-                break
-            if call is not _STOP:
-                call.future.cancel()
 
 
 class _Scorer:

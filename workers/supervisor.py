@@ -16,6 +16,7 @@ A watchdog thread covers what vLLM does not raise by itself:
 from __future__ import annotations
 
 import contextvars
+import gc
 import sys
 import threading
 import time
@@ -49,7 +50,16 @@ class SupervisorBroken(RuntimeError):
 
 def log_thread_stacks(reason: str) -> None:
     """One structured event per live thread, with its current stack as a list of frames."""
-    frames = sys._current_frames()
+    # CPython 3.11's sys._current_frames() allocates while holding the runtime's thread
+    # list lock; a garbage collection there can deadlock the whole process (seen here with
+    # a few hundred threads; CPython gh-106883). No collection while it runs.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        frames = sys._current_frames()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     for thread in threading.enumerate():
         frame = frames.get(thread.ident)
         if frame is None:

@@ -275,3 +275,12 @@ def test_filter_zero_std_releases_groups_without_spread_and_reports_their_prompt
     filtered = worker.take_filtered()
     assert filtered and all(i % 2 == 0 for i in filtered) and worker.take_filtered() == []
     assert queue.counters().released["filtered"] == worker.stats["filtered"] == len(filtered)
+
+
+def test_shutdown_ends_every_scorer_thread():
+    p = pool(RewardFunction("length", helpers.length_reward), workers=3)
+    wait(p.score(["a"], PROMPT, 1))
+    p.shutdown()
+    for thread in p.threads:
+        thread.join(5)
+    assert [t.name for t in p.threads if t.is_alive()] == []

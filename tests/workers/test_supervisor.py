@@ -22,13 +22,25 @@ class Prompts:
         return PromptItem(self.i, [1, 2], None)
 
 
+POOLS: list[RewardPool] = []
+
+
+@pytest.fixture(autouse=True)
+def shut_reward_pools_down():
+    yield
+    while POOLS:
+        POOLS.pop().shutdown()
+
+
 def supervisor(build_engine, hang_timeout_s=60.0, permits_per_step=2):
     queue = RolloutQueue(max_staleness=0, groups_per_step=permits_per_step)
+    rewards = RewardPool(RewardSpec([RewardFunction("one", lambda t, p: 1.0)], workers=1)).start()
+    POOLS.append(rewards)
 
     def make_worker(i, on_error, start_gate):
         return GenerationWorker(
             i, build_engine=build_engine, queue=queue, prompts=Prompts(),
-            sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=RewardPool(RewardSpec([RewardFunction("one", lambda t, p: 1.0)])).start(),
+            sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=rewards,
             max_groups_in_flight=2, on_error=on_error, start_gate=start_gate,
         )
 
