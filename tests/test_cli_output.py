@@ -79,7 +79,10 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     for record in steps + records:
         missing = [k for k in M.STEP_RECORD_KEYS if k not in record]
         assert not missing, missing
-        assert all(isinstance(record[k], (int, float)) for k in M.STEP_RECORD_KEYS)
+        assert all(
+            isinstance(record[k], (int, float)) or (k in M.NULLABLE_KEYS and record[k] is None)
+            for k in M.STEP_RECORD_KEYS
+        ), record
 
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

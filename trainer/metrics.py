@@ -47,6 +47,10 @@ REWARD_TIMEOUTS = "reward/timeouts"  # reward calls past reward.timeout_s
 REWARD_ABANDONED_THREADS = "reward/abandoned_threads"  # stuck reward threads left behind
 
 
+# null when the step trained no token (every group without reward spread, say).
+NULLABLE_KEYS = (LOSS_ENTROPY,)
+
+
 def reward_function_mean(name: str) -> str:
     """The mean of one reward function's values over a step's completions."""
     return f"reward/{name}/mean"
@@ -56,9 +60,10 @@ def reward_function_mean(name: str) -> str:
 # under the current policy version: ~0 proves the engines hold the trainer's weights.
 SYNC_LOGPROB_MAX_DIFF = "sync/logprob_max_diff"
 
-# Every step record (the `train_step` event, a metrics.jsonl line) carries these.
-# SYNC_LOGPROB_MAX_DIFF is not among them: a step may train on no group sampled
-# entirely under the current weights.
+# Every step record (the `train_step` event, a metrics.jsonl line) carries these, as
+# numbers, except those in NULLABLE_KEYS, and a value that was not finite (a skipped
+# step's loss), which are null. SYNC_LOGPROB_MAX_DIFF is not among them: a step may
+# train on no group sampled entirely under the current weights.
 STEP_RECORD_KEYS = (
     STEP,
     POLICY_VERSION,
