@@ -137,7 +137,7 @@ def test_mask_truncated_leaves_cut_off_completions_out(tmp_path, tiny_model_path
     # The random tiny model never stops by itself: every completion is cut off at
     # gen.max_tokens, so with mask_truncated nothing is in the loss and nothing moves.
     trainer = Trainer(
-        tiny_config(tmp_path, tiny_model_path, "run.steps=2", "algo.mask_truncated=true"), task=LetterTask()
+        tiny_config(tmp_path, tiny_model_path, "run.steps=1", "algo.mask_truncated=true"), task=LetterTask()
     )
     initial = {k: v.clone() for k, v in trainer_weights(tiny_model_path).items()}
     history = trainer.fit()
