@@ -113,8 +113,9 @@ def test_sigkill_mid_generation_unblocks_step(tiny_model_path):
         assert not stepper.is_alive(), "step() still blocked 10 s after EngineCore was killed"
         assert isinstance(stepper.error, EngineDeadError), repr(stepper.error)
         assert stepper.raised_at - killed_at < 2.0
-        print(f"SIGKILL -> step() raised: {stepper.raised_at - killed_at:.3f} s "
-              f"(watchdog saw death after {watchdog.woke_at - killed_at:.3f} s)")
+        # vLLM sometimes raises by itself before the watchdog looks: woke_at stays None.
+        seen = "never (vLLM raised first)" if watchdog.woke_at is None else f"{watchdog.woke_at - killed_at:.3f} s"
+        print(f"SIGKILL -> step() raised: {stepper.raised_at - killed_at:.3f} s (watchdog saw death after {seen})")
         assert not engine.is_alive()
         watchdog.stop.set()
         again = Caller(engine.step)  # a second call must not block either
