@@ -64,13 +64,15 @@ class TokenBatch:
 
 
 def token_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float, entropy_grad: bool = False
-) -> tuple[Tensor, Tensor]:
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, entropy_grad: bool = False,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Log-prob under the policy of each next token, and the entropy of the policy's
     next-token distribution there: ([N, T-1], [N, T-1]). Logits are divided by the
     sampling temperature, so they match vLLM's processed log-probs. The entropy carries
     a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise it is
-    computed without one, for the loss/entropy metric."""
+    computed without one, for the loss/entropy metric; with_entropy=False skips it (None):
+    it costs a softmax over the vocabulary for every token."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float()  # [N, T-1, V]
     if temperature != 1.0:
@@ -79,6 +81,8 @@ def token_logprobs(
     lse = torch.logsumexp(logits, dim=-1)  # [N, T-1]
     # log_softmax then gather, written as logit - logsumexp to avoid a second [N, T-1, V] tensor.
     logprobs = logits.gather(-1, targets).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         src, src_lse = (logits, lse) if entropy_grad else (logits.detach(), lse.detach())
         entropy = src_lse - (torch.softmax(src, dim=-1) * src).sum(-1)  # H = lse - E_p[logit]

@@ -400,7 +400,7 @@ class Trainer:
                 total = total - entropy_coef * aggregate(entropy, sub.completion_mask, cfg.algo.loss_agg, norm)
             if kl_coef != 0:  # a penalty for drifting from the initial policy
                 with torch.no_grad():
-                    ref_logprobs, _ = token_logprobs(self.reference, sub, cfg.gen.temperature)
+                    ref_logprobs, _ = token_logprobs(self.reference, sub, cfg.gen.temperature, with_entropy=False)
                 kl = kl_penalty(logprobs, ref_logprobs, cfg.algo.kl_estimator)  # [n, L]
                 total = total + kl_coef * aggregate(kl, sub.completion_mask, cfg.algo.loss_agg, norm)
                 stats[M.LOSS_KL_REF] = (stats[M.LOSS_KL_REF] or 0.0) + (kl.detach() * sub.completion_mask).sum().item()

@@ -115,6 +115,8 @@ def test_entropy_of_the_next_token_distribution():
     assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
     assert logprobs[0, 0].item() == pytest.approx(-math.log(v))
     assert not entropy.requires_grad  # logged only
+    only_logprobs, none = token_logprobs(model, batch, temperature=1.0, with_entropy=False)
+    assert none is None and torch.equal(only_logprobs, logprobs)
     peaked = torch.zeros(1, 3, v)
     peaked[0, 1, 0] = 2.0
     model = FixedLogits(peaked)
