@@ -7,6 +7,7 @@ Runbook
     python scripts/train.py model.path=tiny run.steps=3 run.output_dir=/tmp/run1
     python scripts/train.py --config my.yaml algo.max_staleness=2 engine.count=2
     python scripts/train.py --max-restarts 2 run.output_dir=runs/long   # resumes after a crash
+    python scripts/train.py trainer.ranks=2 model.path=tiny run.steps=3  # 2 training processes (FSDP2)
     kill -TERM <launcher pid>                    # finish the step, checkpoint, exit 143
     python scripts/train.py run.output_dir=runs/long   # continues from its last checkpoint
 
@@ -33,6 +34,12 @@ outlives the run. With --max-restarts N, a fatal end (exit 1, or the child kille
 followed by a restart from the last checkpoint (run.resume=auto), at most N times, each
 logged as a `run_restart` event. --no-launcher trains in this process instead.
 
+With trainer.ranks=N the training child runs torch's elastic agent (torchrun's
+machinery), which starts N ranks (this script again, each in a session of its own; the
+launcher is their subreaper, so its cleanup still finds every one). A rank that fails
+ends the others within seconds, and the child logs the run's one `run_failed`, naming
+the rank (trainer/ranks.py). Signals reach rank 0, which stops the run for all ranks.
+
 Signals: the first SIGINT/SIGTERM finishes (or, while waiting for rollouts, abandons) the
 current step, writes a checkpoint, shuts the engines down and exits 130/143; a second
 stops at once (engines still shut down, no checkpoint); a third makes the launcher
@@ -42,6 +49,7 @@ SIGKILL the child's process group.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -82,6 +90,8 @@ def _non_negative_int(text: str) -> int:
 
 # Set in the training child: the launcher's PID.
 CHILD_ENV = "RLT_TRAIN_CHILD"
+# Set in each trainer rank (trainer.ranks > 1): where it writes its failure record.
+RANKS_DIR_ENV = "RLT_RANKS_DIR"  # the same as trainer.ranks.RANKS_DIR_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     launcher_pid = os.environ.pop(CHILD_ENV, None)
     if launcher_pid is not None:
         _die_with_launcher(int(launcher_pid))
-        code = _main(argv)
+        code = _train(argv)
+    elif RANKS_DIR_ENV in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        code = _main(argv)  # a rank, started by _launch_ranks (or by the user's torchrun)
     elif parse_args(argv).no_launcher:
-        code = _main(argv)
+        code = _train(argv)
     else:
         code = launch(argv)
     # The final event is the run's last word for ops tooling: vLLM's finalizers log
     # "[shutdown] ..." records at interpreter exit, after everything is already down.
     logging.disable(logging.CRITICAL)
+    # The interpreter's last garbage collection walks every object torch, transformers
+    # and vLLM made (~2 s); frozen objects are skipped, so the process (and a rank's
+    # peers, waiting for its sockets to close) ends sooner.
+    gc.freeze()
     return code
 
 
@@ -124,6 +140,8 @@ def _main(argv: list[str] | None) -> int:
 
     trainer = Trainer(cfg)
     log = log.bind(run_id=trainer.run_id)  # the final event names the run too
+    if trainer.world > 1:
+        log = log.bind(rank=trainer.rank)
     try:
         history = trainer.fit()
     except ConfigError as e:
@@ -142,8 +160,7 @@ def _main(argv: list[str] | None) -> int:
         return ExitCode.SIGINT
     except BaseException as e:  # noqa: BLE001 - every fatal error ends as one log line and exit 1
         worker = trainer.failed_worker
-        log.error(
-            "run_failed",
+        fields = dict(
             error_type=type(e).__name__,
             error=str(e),
             worker=worker.name if worker else None,
@@ -151,11 +168,138 @@ def _main(argv: list[str] | None) -> int:
             step=trainer.step,
             # The error's own fields: a reward error names the function, prompt and time.
             **getattr(e, "log_fields", {}),
-            exc_info=e,
         )
+        if trainer.world == 1:
+            log.error("run_failed", **fields, exc_info=e)
+            return ExitCode.FATAL
+        # One rank of several: the process running the ranks logs the run's run_failed,
+        # naming the rank that failed first (a rank that only saw another one go is not it).
+        import traceback
+
+        from trainer.ranks import is_peer_failure, write_failure_record
+
+        peer = is_peer_failure(e)
+        write_failure_record(trainer.rank, {**fields, "traceback": traceback.format_exception(e)}, peer)
+        if peer:
+            log.warning("rank_stopped", **fields)
+        else:
+            log.error("rank_failed", **fields, exc_info=e)
         return ExitCode.FATAL
+    if trainer.rank != 0:
+        return trainer.stop_code  # rank 0 has logged the run's last line
     log.info("run_done", steps=len(history), output_dir=str(trainer.output_dir))
     return ExitCode.OK
+
+
+# ---- trainer ranks -----------------------------------------------------------------------
+
+
+def _train(argv: list[str]) -> int:
+    """Train in this process, or (trainer.ranks > 1) in ranks started from it."""
+    from trainer.config import TrainerConfig
+    from trainer.errors import ConfigError
+
+    args = parse_args(argv)
+    try:
+        ranks = TrainerConfig.load(args.config, args.overrides).trainer.ranks
+    except ConfigError:
+        ranks = 1  # _main reports it
+    return _launch_ranks(argv) if ranks > 1 else _main(argv)
+
+
+def _launch_ranks(argv: list[str]) -> int:
+    """trainer.ranks processes under torch's elastic agent (torchrun's machinery, run
+    here), each this script again. SIGINT/SIGTERM go to rank 0, which stops the run as
+    one rank would and then stops the others. When a rank fails, the agent stops the
+    rest within a second; this process then logs the run's one `run_failed`, naming the
+    rank that failed first and why (trainer/ranks.py)."""
+    import shutil
+    import tempfile
+    import uuid
+
+    import psutil
+    import structlog
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from trainer.config import TrainerConfig
+    from trainer.errors import ConfigError, ExitCode
+    from trainer.log import configure_logging
+    from trainer.ranks import check_layout, read_failure_records
+
+    args = parse_args(argv)
+    cfg = TrainerConfig.load(args.config, args.overrides)
+    configure_logging(args.log_format or cfg.log.format, cfg.log.level)
+    run_id = uuid.uuid4().hex[:12]
+    log = structlog.get_logger("train").bind(run_id=run_id)
+    try:
+        check_layout(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except ConfigError as e:
+        log.error("config_error", key=e.key, error=str(e))
+        return ExitCode.BAD_INPUT
+    # The agent's own log lines would come after the run's last line.
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    folder = tempfile.mkdtemp(prefix="rlt-ranks-")
+    os.environ[RANKS_DIR_ENV] = folder
+
+    def to_rank0(signum, frame):
+        for p in psutil.Process().children():
+            try:
+                if p.environ().get("RANK") == "0":
+                    os.kill(p.pid, signum)
+            except (psutil.Error, OSError):
+                pass
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, to_rank0)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=cfg.trainer.ranks, run_id=run_id,
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT and SIGTERM: to_rank0
+        shutdown_timeout=5,  # a rank told to stop after another failed gets 5 s, then SIGKILL
+    )
+    log.info("ranks_starting", ranks=cfg.trainer.ranks)
+    try:
+        elastic_launch(config, sys.executable)(os.path.abspath(__file__), *argv)
+        return ExitCode.OK
+    except ChildFailedError as e:
+        return _ranks_failed(log, e.failures, read_failure_records(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ranks_failed(log, failures: dict, records: list[dict]) -> int:
+    """The run's last line after a rank ended badly: the first rank that failed by itself
+    (not because a peer went), else the rank killed by a signal; nothing if rank 0 ended
+    the run itself (bad input, a stop), as it logged the last line already."""
+    from trainer.errors import ExitCode
+
+    said_why = (ExitCode.BAD_INPUT, ExitCode.SIGINT, ExitCode.SIGTERM)
+    primary = [r for r in records if not r.get("peer_failure")]
+    if primary:
+        log.error("run_failed", **{k: v for k, v in primary[0].items() if k not in ("time", "peer_failure")})
+        return ExitCode.FATAL
+    if 0 in failures and failures[0].exitcode in said_why:
+        return failures[0].exitcode  # the agent then stopped the others with SIGTERM
+    killed = sorted((f.timestamp, rank, f) for rank, f in failures.items() if f.exitcode < 0)
+    if killed:
+        _, rank, f = killed[0]
+        name = signal.Signals(-f.exitcode).name
+        log.error(
+            "run_failed", error_type="ProcessKilled", error=f"rank {rank} (pid {f.pid}) was killed by {name}",
+            signal=name, rank=rank, pid=f.pid, worker=None, engine=None, step=None,
+        )
+        return ExitCode.FATAL
+    if records:
+        log.error("run_failed", **{k: v for k, v in records[0].items() if k not in ("time", "peer_failure")})
+        return ExitCode.FATAL
+    rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    log.error(
+        "run_failed", error_type="RankFailed", error=f"rank {rank} (pid {f.pid}) exited with {f.exitcode}",
+        rank=rank, pid=f.pid, worker=None, engine=None, step=None,
+    )
+    return ExitCode.FATAL
 
 
 # ---- the launcher ------------------------------------------------------------------------
@@ -187,6 +331,7 @@ def launch(argv: list[str]) -> int:
         try:
             if len(signals) >= 3:  # the child did not stop on two: stop waiting for it
                 os.killpg(child.pid, signal.SIGKILL)
+                _signal_all(_descendants(child.pid), signal.SIGKILL)
             else:
                 os.kill(child.pid, signum)
         except ProcessLookupError:
@@ -201,6 +346,7 @@ def launch(argv: list[str]) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, forward)
+    _become_subreaper()
 
     child_argv = list(argv)
     restarts = 0
@@ -219,7 +365,7 @@ def launch(argv: list[str]) -> int:
         # Wait without reaping, so that the PID (the group's id) cannot be reused until
         # the group is killed.
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
-        orphans = _kill_process_group(child.pid)
+        orphans = _kill_process_group(child.pid, launcher=os.getpid())
         child.wait()
         rc = child.returncode
         # The child's last line (run_done, run_failed, ...) stays the run's last line:
@@ -253,22 +399,63 @@ def _stopped_code(signum: int) -> int:
     return ExitCode.SIGTERM if signum == signal.SIGTERM else ExitCode.SIGINT
 
 
-def _kill_process_group(pgid: int) -> list[int]:
-    """Make sure no process of the group runs on: a short grace period for processes
-    that are about to exit anyway (multiprocessing's resource tracker cleans up shared
-    memory once the child is gone), then SIGTERM, then SIGKILL. Returns the PIDs that
-    had to be signalled (an engine orphaned by a killed child, say)."""
+def _become_subreaper() -> None:
+    """Processes orphaned under the child (a rank's engines when the rank is killed, say)
+    become this process's children instead of init's, so _kill_process_group finds them
+    even outside the child's process group (torch's launcher starts each rank in a
+    session of its own)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _descendants(child_pid: int) -> list[int]:
+    """This process's live descendants but the child (waited on without being reaped);
+    zombies reparented to this subreaper are reaped."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if p.pid == child_pid:
+                continue
+            if p.status() == psutil.STATUS_ZOMBIE:
+                if p.ppid() == os.getpid():
+                    os.waitpid(p.pid, os.WNOHANG)
+                continue
+            found.append(p.pid)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_process_group(pgid: int, launcher: int | None = None) -> list[int]:
+    """Make sure no process of the group runs on, nor (given `launcher`, this process,
+    the subreaper) any other of its descendants: a short grace period for processes that
+    are about to exit anyway (multiprocessing's resource tracker cleans up shared memory
+    once the child is gone), then SIGTERM, then SIGKILL. Returns the PIDs that had to be
+    signalled (an engine orphaned by a killed child, say)."""
     import psutil
 
     def running() -> list[int]:
-        found = []
+        found = set(_descendants(pgid) if launcher is not None else ())
         for p in psutil.process_iter(["status"]):
             try:
                 if p.pid != pgid and os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    found.append(p.pid)
+                    found.add(p.pid)
             except (OSError, psutil.Error):
                 pass
-        return found
+        return sorted(found)
 
     def wait_gone(seconds: float) -> list[int]:
         deadline = time.monotonic() + seconds
@@ -280,12 +467,14 @@ def _kill_process_group(pgid: int) -> list[int]:
     # vLLM's EngineCore takes seconds to act on SIGTERM, and an orphaned one has no
     # work worth finishing: a short wait only.
     for sig, wait_s in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
-        if not running():
+        left = running()
+        if not left:
             break
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            pass
+        _signal_all(left, sig)
         wait_gone(wait_s)
     return signalled
 

@@ -36,5 +36,5 @@ def fake_engine(monkeypatch):
     from tests.fake_engine import FakeEngine
 
     FakeEngine.instances = []
-    monkeypatch.setattr(trainer_mod, "Engine", FakeEngine)
+    monkeypatch.setattr(trainer_mod, "engine_class", lambda: FakeEngine)
     return FakeEngine

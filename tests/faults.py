@@ -23,7 +23,7 @@ class Run:
     """scripts/train.py in a subprocess, its JSON log lines read as they come. The
     script is a launcher: `children` are the PIDs of its training processes."""
 
-    def __init__(self, tmp_path, model_path, *overrides):
+    def __init__(self, tmp_path, model_path, *overrides, env: dict | None = None):
         cmd = [
             sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
             f"model.path={model_path}", f"run.output_dir={tmp_path / 'run'}", "log.level=DEBUG",
@@ -34,10 +34,12 @@ class Run:
         ]
         self.stderr = open(tmp_path / "stderr.txt", "w")
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, start_new_session=True
+            cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         self.events: list[dict] = []
-        self.children: list[int] = []
+        self.children: list[int] = []  # training processes
+        self.pids: list[int] = []  # every process of the run its log names: training, ranks, engines
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -65,6 +67,10 @@ class Run:
         self.events.append(event)
         if event.get("event") == "training_process_started":
             self.children.append(event["pid"])
+        if event.get("event") in ("training_process_started", "setup"):
+            self.pids.append(event["pid"])
+        if event.get("event") == "worker_started":
+            self.pids.extend(event["engine_pids"])
 
     def finish(self, timeout) -> int:
         try:
@@ -77,6 +83,8 @@ class Run:
                         os.killpg(pgid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+                for pid in alive(self.pids):  # ranks and engines live in sessions of their own
+                    os.kill(pid, signal.SIGKILL)
                 self.proc.wait(10)
         # Every process that inherited stdout must be gone before it reads as ended.
         deadline = time.monotonic() + 30

@@ -1,6 +1,7 @@
 """Library use: Trainer.fit() raises in the caller, leaves nothing running, runs again.
 Real engines and the tiny model; faults from a signal, a loss, a reward function."""
 
+import collections
 import os
 import signal
 import threading
@@ -86,26 +87,28 @@ def test_exception_in_the_main_thread_stops_workers_and_engines(tmp_path, tiny_m
     assert c.consumed - c.retired == 2 and c.in_flight == 0 and c.queued == 0
 
 
-def test_transient_reward_errors_are_retried(tmp_path, tiny_model_path):
-    task = LetterTask(fail=lambda index, call: call <= 2)  # the first two calls fail
-    # One reward thread: calls run one at a time, so both failures hit the same completion.
-    trainer = Trainer(config(tmp_path, tiny_model_path, "run.steps=2", "reward.workers=1"), task=task)
+def test_transient_reward_errors_are_retried_and_a_reward_failing_for_good_is_skipped(tmp_path, tiny_model_path):
+    counts = collections.Counter()
+
+    def fail(index, call):
+        counts[index] += 1
+        # Prompt 1: its first two calls fail, the third succeeds. Prompts 0, 3, ...: always.
+        return index % 3 == 0 or (index == 1 and counts[index] <= 2)
+
+    # One reward thread: calls run one at a time, so the failures hit one completion each.
+    trainer = Trainer(
+        config(tmp_path, tiny_model_path, "run.steps=2", "reward.workers=1", "reward.on_error=skip"),
+        task=LetterTask(fail=fail),
+    )
     with capture_logs() as logs:
         history = trainer.fit()
     assert len(history) == 2
     retries = [e for e in logs if e["event"] == "reward_retry"]
-    assert [e["attempt"] for e in retries] == [1, 2]
+    assert [e["attempt"] for e in retries if e["prompt_index"] == 1] == [1, 2]
     assert all("verifier busy" in e["error"] and e["wait_s"] > 0 for e in retries)
-    assert trainer.final_counters.released["failed"] == 0
-
-
-def test_reward_failing_for_good_skip_completes_and_counts(tmp_path, tiny_model_path):
-    task = LetterTask(fail=lambda index, call: index % 3 == 0)
-    trainer = Trainer(config(tmp_path, tiny_model_path, "run.steps=2", "reward.on_error=skip"), task=task)
-    history = trainer.fit()
-    assert len(history) == 2
     skipped = sum(w.stats["skipped"] for w in trainer.supervisor.workers)
     assert skipped >= 1
+    assert {e["prompt_index"] % 3 for e in retries if e["prompt_index"] != 1} == {0}
     c = trainer.final_counters  # assert_drained passed inside fit
     assert c.released["failed"] == skipped
 

@@ -40,6 +40,31 @@ def test_kill_process_group_takes_down_what_ignores_sigterm_and_leaves_the_rest(
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_launcher_as_subreaper_kills_orphans_that_left_the_group(tmp_path):
+    # A rank of trainer.ranks runs in a session of its own; when it dies, its engines
+    # are orphaned outside the training process's group. The launcher, a subreaper,
+    # inherits them and kills them too. Run in a subprocess: pytest must not become one.
+    code = f"""
+import os, signal, subprocess, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from scripts import train
+train._become_subreaper()
+child = subprocess.Popen(["bash", "-c", "setsid bash -c 'trap \\"\\" TERM; exec sleep 60' & echo $!; wait"],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+orphan = int(child.stdout.readline())
+time.sleep(0.2)
+os.kill(child.pid, signal.SIGKILL)
+os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+print(orphan, os.getpgid(orphan) != child.pid, train._kill_process_group(child.pid, launcher=os.getpid()), flush=True)
+child.wait()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    orphan, outside_group, killed = out.stdout.split(" ", 2)
+    assert outside_group == "True", out
+    assert killed.strip() == f"[{orphan}]", out
+    assert alive([int(orphan)]) == []
+
+
 def test_the_training_child_gets_sigterm_when_the_launcher_dies(tmp_path):
     flag = tmp_path / "got-sigterm"
     child_code = (

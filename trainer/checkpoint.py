@@ -2,7 +2,7 @@
 
 Layout: RUN_DIR/checkpoints/step-00000012/ holds
     model.safetensors   the policy's weights (safetensors; tied weights stored once)
-    optimizer.pt        the optimizer's state_dict (tensors and plain data only)
+    optimizer.pt        the optimizer's state, keyed by parameter name (tensors and plain data only)
     rng.pt              RNG states: torch CPU, CUDA (if any), Python's `random`
     trainer_state.json  step, policy version, which prompts were trained, run id
     config.json         the resolved config (TrainerConfig.to_dict())
@@ -13,6 +13,10 @@ each file and the directory, renames it into place and fsyncs the parent: a cras
 any moment leaves either the complete checkpoint or none (plus a `.tmp-*` directory the
 next save removes). Loading verifies every checksum first; `torch.load` runs with
 `weights_only=True`, so a tampered file cannot execute code.
+
+With trainer ranks (FSDP2 shards) every rank calls save and load: saving gathers the
+full state to rank 0, which writes the same files as a one-rank run; loading reads them
+on rank 0 and sends each rank its shard. A checkpoint saved with N ranks resumes with M.
 
     path = save_checkpoint(run_dir, step=12, model=m, optimizer=o, trainer_state=s, config=c, keep=2)
     path = latest_valid_checkpoint(run_dir)       # None if there is none; logs each bad one
@@ -36,6 +40,13 @@ from typing import Any
 import safetensors.torch
 import structlog
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -109,9 +120,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     keep: int,
-) -> pathlib.Path:
+) -> pathlib.Path | None:
     """Write the checkpoint of `step` atomically, then delete all but the newest `keep`
-    checkpoints. `trainer_state` must be JSON-able. Returns the checkpoint's path."""
+    checkpoints. `trainer_state` must be JSON-able. Returns the checkpoint's path.
+    With sharded parameters every rank calls this; rank 0 writes, the others get None."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    if _rank() != 0:
+        return None
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
@@ -119,8 +134,8 @@ def save_checkpoint(
     t0 = time.monotonic()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
-        safetensors.torch.save_model(model, str(tmp / MODEL))
-        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        safetensors.torch.save_file(model_state, str(tmp / MODEL))
+        _torch_save(optimizer_state, tmp / OPTIMIZER)
         _torch_save(rng_state(), tmp / RNG)
         _write_bytes(tmp / TRAINER_STATE, _json_bytes({**trainer_state, "step": step}))
         _write_bytes(tmp / CONFIG, _json_bytes(config))
@@ -156,6 +171,32 @@ def save_checkpoint(
         removed=[str(p) for p in removed],
     )
     return final
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The unsharded model and optimizer state on CPU, keyed by parameter name (a tied
+    weight once). Sharded: a collective every rank joins; rank 0 gets the state, the
+    others empty dicts."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU (a tied weight once); sharded: as `full_state`."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = _state_names(model)
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=opts).items() if k in names}
+
+
+def _state_names(model: torch.nn.Module) -> set[str]:
+    """What a checkpoint holds: parameters (`named_parameters` lists a tied weight once)
+    and persistent buffers."""
+    buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n for n, _ in model.named_parameters()} | buffers
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[pathlib.Path]:
@@ -281,15 +322,30 @@ def load_checkpoint(
     Raises CheckpointError on a bad checkpoint."""
     path = pathlib.Path(path)
     verify_checkpoint(path)
+    # Sharded: rank 0 reads the files and sends each rank its shard (the others pass {}).
+    sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    reads = not sharded or _rank() == 0
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
     try:
         if model is not None:
-            missing, unexpected = safetensors.torch.load_model(model, str(path / MODEL), strict=False)
-            if missing or unexpected:
-                raise CheckpointError(
-                    path, f"weights do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-                )
+            weights = safetensors.torch.load_file(str(path / MODEL)) if reads else {}
+            if reads:
+                names = _state_names(model)
+                missing, unexpected = names - set(weights), set(weights) - names
+                if missing or unexpected:
+                    raise CheckpointError(
+                        path, f"weights do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                    )
+            set_model_state_dict(model, weights, options=opts)
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=map_location, weights_only=True))
+            state = torch.load(path / OPTIMIZER, map_location=map_location, weights_only=True) if reads else {}
+            if reads and state["param_groups"] and isinstance(state["param_groups"][0]["params"][0], int):
+                optimizer.load_state_dict(state)  # an older checkpoint, keyed by position (one rank)
+            else:
+                tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
+                set_optimizer_state_dict(model, optimizer, state, options=opts)
+                for group, keys in zip(optimizer.param_groups, tuples):  # betas come back as lists
+                    group.update({k: tuple(group[k]) for k in keys})
         rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
         config = json.loads((path / CONFIG).read_text())

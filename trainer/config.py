@@ -172,6 +172,13 @@ class TrainerDeviceConfig:
     "cuda" or "cuda:N\""""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """policy dtype; "auto": float32 on CPU, bfloat16 on GPUs that support it"""
+    ranks: int = 1
+    """training processes (torch.distributed, FSDP2: each holds a shard of the policy and
+    its optimizer state). 1 trains in the launcher's child process. On GPUs rank r
+    trains on GPU r and the engines take the other GPUs; on CPU the ranks use gloo"""
+    collective_timeout_s: float = 600.0
+    """the longest one collective (gradient reduce, weight gather) may take before the
+    run fails; ranks waiting for rank 0's next batch do not count against it"""
 
 
 @dataclasses.dataclass
@@ -330,6 +337,8 @@ class TrainerConfig:
             ("algo.max_grad_norm", algo.max_grad_norm > 0, "must be > 0"),
             ("algo.weight_decay", algo.weight_decay >= 0, "must be >= 0"),
             ("algo.micro_batch_size", algo.micro_batch_size >= 1, "must be >= 1"),
+            ("trainer.ranks", self.trainer.ranks >= 1, "must be >= 1"),
+            ("trainer.collective_timeout_s", self.trainer.collective_timeout_s > 0, "must be > 0"),
             ("engine.count", engine.count >= 1, "must be >= 1"),
             (
                 "engine.devices",

@@ -36,6 +36,7 @@ PERF_STEP_S = "perf/step_s"
 PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
 PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
 PERF_TRAIN_S = "perf/train_s"
+PERF_RANKS = "perf/ranks"  # training processes (trainer.ranks)
 LOSS_ENTROPY = "loss/entropy"  # mean entropy of the policy over the trained tokens (null: none)
 LOSS_KL_REF = "loss/kl_ref"  # mean KL(policy || reference) estimate, when algo.kl_coef > 0
 LOSS_NONFINITE_SKIPPED = "loss/nonfinite_skipped"  # 1: the step's update was skipped (NaN/inf)
@@ -90,6 +91,7 @@ STEP_RECORD_KEYS = (
     PERF_TRAIN_S,
     PERF_TRAINER_IDLE_FRAC,
     PERF_WEIGHT_SYNC_S,
+    PERF_RANKS,
     DATA_PROMPTS_SKIPPED,
     REWARD_FILTERED_GROUPS,
     REWARD_GROUPS_SKIPPED,

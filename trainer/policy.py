@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
-import safetensors.torch
 import torch
 from torch import Tensor
 
@@ -89,21 +89,47 @@ def token_logprobs(
     return logprobs, entropy
 
 
-def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype) -> bytes:
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype, keep: bool = True) -> bytearray | None:
     """The policy's weights as safetensors bytes in the engine's dtype, for the sync.
 
+    Written one parameter at a time into one buffer sized from the parameters' shapes:
+    the full weights exist once, in the engine's dtype, even when each rank holds a shard
+    (a sharded parameter is gathered, used and dropped: trainer/ranks.full_parameters).
+    Every rank must call this; only those with `keep` get the bytes (the others None).
     `named_parameters` lists a tied weight (lm_head = embed_tokens) once, which
     safetensors requires; vLLM reties it on load."""
-    tensors = {
-        name: p.detach().to(device="cpu", dtype=dtype).contiguous()
-        for name, p in model.named_parameters()
-    }
-    return safetensors.torch.save(tensors)
+    from trainer.ranks import full_parameters
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, size = {}, 0
+    for name, p in model.named_parameters():  # a sharded parameter's shape is the full one
+        n = p.numel() * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(p.shape), "data_offsets": [size, size + n]}
+        size += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+    start = 8 + len(head)
+    buf = bytearray(start + size) if keep else None
+    if keep:
+        buf[:start] = len(head).to_bytes(8, "little") + head
+    for name, tensor in full_parameters(model):
+        begin, end = header[name]["data_offsets"]
+        if keep and end > begin:
+            out = torch.frombuffer(buf, dtype=dtype, offset=start + begin, count=(end - begin) // itemsize)
+            out.copy_(tensor.reshape(-1))  # to CPU, in the engine's dtype
+        del tensor
+    return buf
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The policy's device; with trainer ranks on GPUs, rank r trains on GPU r."""
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

@@ -9,6 +9,10 @@ Whatever happens, `cleanup()` stops the workers and shuts the engines down, and 
 original exception propagates: a library user sees it in the cell, the CLI turns it
 into one `run_failed` log line and exit code 1.
 
+With trainer.ranks=N (trainer/ranks.py) this process is one of N: rank 0 runs the loop
+above and gives each rank its share of the batch; ranks 1..N-1 run `_follow()`, doing
+what rank 0 says. Each holds an FSDP2 shard of the policy and optimizer state.
+
 Checkpoints (trainer/checkpoint.py) every run.checkpoint_every steps and at the end;
 `fit()` resumes from the latest valid one (run.resume). Stopping: SIGINT/SIGTERM (while
 `fit()` runs in the main thread) or `request_stop()`: the first finishes the current
@@ -20,6 +24,7 @@ rollout wait or a micro-batch), without a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +35,7 @@ import time
 import uuid
 from typing import Any
 
+import safetensors.torch
 import structlog
 import torch
 
@@ -43,9 +49,9 @@ from trainer.models import load_policy, resolve_model_path
 from trainer.policy import TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
+from trainer.ranks import Ranks, grad_norm_value, split_by_tokens, world_from_env
 from trainer.rewards import reward_spec
 from trainer.tasks import build_task
-from workers.engine import Engine
 from workers.rewards import RewardPool
 from workers.supervisor import Supervisor
 from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
@@ -68,7 +74,12 @@ class Trainer:
         cfg.validate()  # bad config fails here, before any engine starts
         self.cfg = cfg
         self.task = task
-        self.run_id = uuid.uuid4().hex[:12]
+        self.rank, self.world, self.local_rank = world_from_env()
+        # Every rank's logs carry the run id the launcher gave the ranks.
+        self.run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")[:12] if self.world > 1 else ""
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self.ranks = Ranks()  # joined in setup()
+        self.stop_code = 0  # a follower rank: the exit code rank 0 gave it
         self.output_dir = pathlib.Path(cfg.run.output_dir)
         self.supervisor: Supervisor | None = None
         self.rewards: RewardPool | None = None
@@ -89,28 +100,25 @@ class Trainer:
         self.supervisor = None
         self.rewards = None
         self._nonfinite_in_a_row = 0
+        main = self.rank == 0
+        if self.world != cfg.trainer.ranks:
+            raise ConfigError(
+                f"this process is one of {self.world} ranks (WORLD_SIZE) but trainer.ranks={cfg.trainer.ranks}",
+                key="trainer.ranks",
+            )
         # First, so that a bad run.resume fails before anything heavy starts.
-        self.resumed_from = self._checkpoint_to_resume()
+        self.resumed_from = self._checkpoint_to_resume() if main else None
         torch.manual_seed(cfg.run.seed)
-        self.device = resolve_device(cfg.trainer.device)
-        self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
         self.model_path = resolve_model_path(cfg.model.path)
-        if self.task is None:
+        if self.task is None and main:
             self.task = build_task(cfg.task, cfg.run.seed)
-        log.info("setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype))
-
-        self.policy, self.tokenizer = load_policy(self.model_path, self.device, self.dtype)
-        self.policy.train()
-        self.reference = None  # the frozen initial policy, for algo.kl_coef
-        if cfg.algo.kl_coef > 0:
-            self.reference, _ = load_policy(self.model_path, self.device, self.dtype)
-            self.reference.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
-        )
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
+        self._setup_policy()
+        if not main:  # a follower: rank 0 says which checkpoint (if any) to load
+            checkpoint = self.ranks.receive()["checkpoint"]
+            if checkpoint is not None:
+                ckpt.load_checkpoint(checkpoint, self.policy, self.optimizer, self.device)
+            return
+        self.ranks.send("init", {"checkpoint": str(self.resumed_from) if self.resumed_from else None})
 
         self.start_step, version, self.trained = 0, 0, TrainedPrompts()
         self._saved_step: int | None = None
@@ -142,6 +150,8 @@ class Trainer:
         )
         # Rewards run off the engines' threads, each call timed (workers/rewards.py).
         self.rewards = RewardPool(reward_spec(cfg.reward, self.task)).start()
+
+        Engine = engine_class()
 
         def build_engine(i: int) -> Engine:
             return Engine(
@@ -187,11 +197,34 @@ class Trainer:
         if self.resumed_from is not None:
             # The engines loaded the base model: they get the resumed policy before they
             # generate anything (the workers apply their inbox while the gate is shut).
-            self.supervisor.broadcast_weights(
-                weights_to_bytes(self.policy, self.engine_dtype), version, cfg.engine.sync_timeout_s
-            )
+            self.supervisor.broadcast_weights(self._engine_weights(), version, cfg.engine.sync_timeout_s)
         self.supervisor.open_gate()
         log.info("engines_ready", count=count, seconds=round(time.monotonic() - t0, 1), engine_dtype=str(self.engine_dtype))
+
+    def _setup_policy(self) -> None:
+        """Every rank: join the ranks, load the policy (and the reference), shard them,
+        and make the optimizer (over this rank's shard)."""
+        cfg = self.cfg
+        self.device = resolve_device(cfg.trainer.device, self.local_rank)
+        self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
+        self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
+        self.policy, self.tokenizer = load_policy(self.model_path, self.device, self.dtype)
+        self.policy = self.ranks.shard(self.policy.train())
+        log.info(
+            "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype), pid=os.getpid(),
+            policy_shard_mib=round(sum(_local(p).nbytes for p in self.policy.parameters()) / 2**20, 1),
+        )
+        self.reference = None  # the frozen initial policy, for algo.kl_coef
+        if cfg.algo.kl_coef > 0:
+            self.reference, _ = load_policy(self.model_path, self.device, self.dtype)
+            self.reference = self.ranks.shard(self.reference.eval().requires_grad_(False))
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
+        )
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self._nonfinite_in_a_row = 0
 
     def _checkpoint_to_resume(self) -> pathlib.Path | None:
         """The checkpoint run.resume asks for: "never" -> None, "auto" -> the latest
@@ -254,12 +287,14 @@ class Trainer:
             os.replace(tmp, path)
 
     def _engine_devices(self) -> list[int] | None:
-        """GPU ids for the engines: engine.devices, or every GPU but the trainer's."""
+        """GPU ids for the engines: engine.devices, or every GPU but the trainer ranks'
+        (GPUs 0..N-1 with N ranks; trainer/ranks.check_layout has vetted the layout)."""
         if self.device.type != "cuda":
             return None
         if self.cfg.engine.devices:
             return list(self.cfg.engine.devices)
-        others = [i for i in range(torch.cuda.device_count()) if i != (self.device.index or 0)]
+        trainer_gpus = set(range(self.world)) if self.world > 1 else {self.device.index or 0}
+        others = [i for i in range(torch.cuda.device_count()) if i not in trainer_gpus]
         return others or [self.device.index or 0]  # one GPU: share it
 
     # ---- train ------------------------------------------------------------------------
@@ -283,9 +318,7 @@ class Trainer:
             loss_stats = self._train_on(groups)
             t_trained = time.monotonic()
             log.debug("phase", phase="sync")
-            sync_s = self.supervisor.broadcast_weights(
-                weights_to_bytes(self.policy, self.engine_dtype), version + 1, cfg.engine.sync_timeout_s
-            )
+            sync_s = self.supervisor.broadcast_weights(self._engine_weights(), version + 1, cfg.engine.sync_timeout_s)
             self.queue.retire(B)
             self.trained.add(g.prompt_index for g in groups)
             self.trained.add(self.prompts.take_skipped())  # overlong: done for good
@@ -310,6 +343,7 @@ class Trainer:
                 M.PERF_TRAIN_S: t_trained - t_batch,
                 M.PERF_TRAINER_IDLE_FRAC: (t_batch - t0) / (t1 - t0),
                 M.PERF_WEIGHT_SYNC_S: sync_s,
+                M.PERF_RANKS: self.world,
             }
             tokens_before = tokens_now
             record = M.json_safe(record)  # a skipped non-finite step logs null, not NaN
@@ -347,47 +381,83 @@ class Trainer:
             raise
 
     def _train_on(self, groups: list[RolloutGroup]) -> dict[str, float]:
+        """Advantages over the whole batch, then one optimizer step; with ranks, each rank
+        trains on its share of the rows (balanced by tokens) and FSDP sums the gradients."""
         cfg = self.cfg
-        G = cfg.algo.group_size
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [B, G]
-        advantages = group_advantages(rewards, scale=cfg.algo.scale_rewards).reshape(-1)  # [B*G]
-        batch = TokenBatch.build(
-            prompts=[g.prompt_token_ids for g in groups for _ in range(G)],
-            completions=[c for g in groups for c in g.completion_token_ids],
-            behaviour=[lp for g in groups for lp in g.behaviour_logprobs],
-            pad_id=self.pad_id,
-            device=self.device,
-            # algo.mask_truncated: completions cut off by gen.max_tokens stay out of the loss.
-            in_loss=[not (cfg.algo.mask_truncated and f == "length") for g in groups for f in g.finish_reasons],
-        )
-        norm = LossNorm(
-            tokens=batch.num_tokens, seqs=int((batch.completion_mask.sum(-1) > 0).sum()), max_tokens=cfg.gen.max_tokens
-        )
-        advantages = advantages.to(self.device)
+        advantages = group_advantages(rewards, scale=cfg.algo.scale_rewards).reshape(-1).tolist()  # [B*G]
         version = self.queue.version
-        on_policy = torch.tensor(  # [B*G] rows sampled entirely by the current weights
-            [g.weight_versions == (version, version) for g in groups for _ in range(G)], device=self.device
-        )
-        # Without an entropy term, rows with zero advantage add exactly zero to the loss:
-        # skip their compute. The aggregate's denominators still count them (`norm`).
+        rows = [
+            {
+                "prompt": g.prompt_token_ids,
+                "completion": c,
+                "behaviour": lp,
+                # algo.mask_truncated: completions cut off by gen.max_tokens stay out of the loss.
+                "in_loss": not (cfg.algo.mask_truncated and f == "length"),
+                # sampled entirely by the current weights: checks the sync (sync/logprob_max_diff)
+                "on_policy": g.weight_versions == (version, version),
+            }
+            for g in groups
+            for c, lp, f in zip(g.completion_token_ids, g.behaviour_logprobs, g.finish_reasons)
+        ]
+        for row, a in zip(rows, advantages):
+            row["advantage"] = a
+        in_loss = [len(r["completion"]) if r["in_loss"] else 0 for r in rows]
+        norm = LossNorm(tokens=sum(in_loss), seqs=sum(n > 0 for n in in_loss), max_tokens=cfg.gen.max_tokens)
+        # Without an entropy or KL term, rows with zero advantage add exactly zero to the
+        # loss: skip their compute. The aggregate's denominators still count them (`norm`).
+        if cfg.algo.entropy_coef == 0 and cfg.algo.kl_coef == 0:
+            rows = [r for r in rows if r["advantage"] != 0]
+        shares = [[rows[i] for i in part] for part in split_by_tokens(
+            [len(r["prompt"]) + len(r["completion"]) for r in rows], self.world
+        )]
+        micro_batches = max(-(-len(share) // cfg.algo.micro_batch_size) for share in shares)
+        norm_fields = dataclasses.asdict(norm)
+        self.ranks.send("step", [
+            {"rows": share, "norm": norm_fields, "micro_batches": micro_batches, "step": self.step} for share in shares
+        ])
+        return self._optimizer_step(shares[0], norm, micro_batches)
+
+    def _optimizer_step(self, rows: list[dict[str, Any]], norm: LossNorm, micro_batches: int) -> dict[str, float]:
+        """The loss on this rank's rows in `micro_batches` micro-batches (every rank runs
+        the same number: each is a collective; a rank short of rows runs empty ones),
+        then clip and step. Every rank reaches the same decision to step or skip."""
+        cfg = self.cfg
         entropy_coef, kl_coef = cfg.algo.entropy_coef, cfg.algo.kl_coef
-        rows = [i for i in range(len(advantages)) if advantages[i] != 0 or entropy_coef != 0 or kl_coef != 0]
         stats = {
             M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
             M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0, M.LOSS_ENTROPY: None,
         }
         if kl_coef != 0:
             stats[M.LOSS_KL_REF] = None
-        if not rows:
+        if micro_batches == 0:
             return stats  # no learning signal in this batch: the weights stay as they are
+        # An empty micro-batch: one masked-out token, so that the forward and backward
+        # (and their collectives) run with a zero loss.
+        rows = rows or [{"prompt": [self.pad_id], "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
+                         "on_policy": False, "advantage": 0.0}]
+        batch = TokenBatch.build(
+            prompts=[r["prompt"] for r in rows],
+            completions=[r["completion"] for r in rows],
+            behaviour=[r["behaviour"] for r in rows],
+            pad_id=self.pad_id,
+            device=self.device,
+            in_loss=[r["in_loss"] for r in rows],
+        )
+        advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=self.device)  # [n]
+        on_policy = torch.tensor([r["on_policy"] for r in rows], device=self.device)  # [n]
         self.optimizer.zero_grad(set_to_none=True)
-        trained_tokens = 0
+        sums = {"entropy": 0.0, "kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "capped": 0.0, "tokens": 0}
+        sync_max_diff = -1.0  # -1: no on-policy row
         mb = cfg.algo.micro_batch_size
-        for start in range(0, len(rows), mb):
-            idx = torch.tensor(rows[start : start + mb], device=self.device)
-            sub = batch.select(idx)
-            if sub.num_tokens == 0:
-                continue
+        for k in range(micro_batches):
+            chunk = list(range(k * mb, min((k + 1) * mb, len(rows))))
+            sub = batch.select(torch.tensor(chunk or [0], device=self.device))
+            if not chunk:  # this rank has run out of rows: row 0 again, with no weight
+                sub = dataclasses.replace(sub, completion_mask=torch.zeros_like(sub.completion_mask), num_tokens=0)
+            if sub.num_tokens == 0 and self.world == 1:
+                continue  # nothing to learn, and no other rank waits on this micro-batch
+            idx = torch.tensor(chunk or [0], device=self.device)
             self._check()  # a long step on a big model should not delay a worker error or a stop
             logprobs, entropy = token_logprobs(self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0)
             loss, s = policy_loss(  # this micro-batch's share of the batch loss
@@ -403,27 +473,40 @@ class Trainer:
                     ref_logprobs, _ = token_logprobs(self.reference, sub, cfg.gen.temperature, with_entropy=False)
                 kl = kl_penalty(logprobs, ref_logprobs, cfg.algo.kl_estimator)  # [n, L]
                 total = total + kl_coef * aggregate(kl, sub.completion_mask, cfg.algo.loss_agg, norm)
-                stats[M.LOSS_KL_REF] = (stats[M.LOSS_KL_REF] or 0.0) + (kl.detach() * sub.completion_mask).sum().item()
-            total.backward()
+                sums["kl"] += (kl.detach() * sub.completion_mask).sum().item()
+            # FSDP averages the gradients over the ranks; each rank's loss is its share of
+            # the batch's sum, so scale back up to a sum.
+            (total * self.world).backward()
+            if sub.num_tokens == 0:
+                continue
             sync_rows = on_policy[idx]
             if sync_rows.any():
                 diff = ((logprobs.detach() - sub.behaviour_logprobs).abs() * sub.completion_mask)[sync_rows]
-                stats[M.SYNC_LOGPROB_MAX_DIFF] = max(stats.get(M.SYNC_LOGPROB_MAX_DIFF, 0.0), diff.max().item())
+                sync_max_diff = max(sync_max_diff, diff.max().item())
             w = sub.num_tokens
             stats[M.LOSS_POLICY] += loss.item()
-            stats[M.LOSS_ENTROPY] = (stats[M.LOSS_ENTROPY] or 0.0) + (entropy.detach() * sub.completion_mask).sum().item()
-            stats[M.LOSS_CLIP_FRAC] += s["clip_frac"] * w
-            stats[M.LOSS_APPROX_KL] += s["approx_kl"] * w
-            stats[M.LOSS_IS_CAPPED_FRAC] += s["is_capped_frac"] * w
+            sums["entropy"] += (entropy.detach() * sub.completion_mask).sum().item()
+            sums["clip"] += s["clip_frac"] * w
+            sums["approx_kl"] += s["approx_kl"] * w
+            sums["capped"] += s["is_capped_frac"] * w
             stats[M.LOSS_IS_RATIO_MAX] = max(stats[M.LOSS_IS_RATIO_MAX], s["is_ratio_max"])
-            trained_tokens += w
-        stats[M.LOSS_CLIP_FRAC] /= max(trained_tokens, 1)
-        stats[M.LOSS_APPROX_KL] /= max(trained_tokens, 1)
-        stats[M.LOSS_IS_CAPPED_FRAC] /= max(trained_tokens, 1)
-        for key in (M.LOSS_ENTROPY, M.LOSS_KL_REF):
-            if stats.get(key) is not None:
-                stats[key] /= max(trained_tokens, 1)
-        stats[M.LOSS_GRAD_NORM] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.algo.max_grad_norm))
+            sums["tokens"] += w
+        # Over the ranks: sums and maxima (one each, whatever the rank count).
+        sums["loss"] = stats[M.LOSS_POLICY]
+        totals = dict(zip(sums, self.ranks.all_reduce(list(sums.values()), "sum")))
+        stats[M.LOSS_POLICY] = totals["loss"]
+        stats[M.LOSS_IS_RATIO_MAX], sync_max_diff = self.ranks.all_reduce([stats[M.LOSS_IS_RATIO_MAX], sync_max_diff], "max")
+        trained = max(totals["tokens"], 1)
+        stats[M.LOSS_CLIP_FRAC] = totals["clip"] / trained
+        stats[M.LOSS_APPROX_KL] = totals["approx_kl"] / trained
+        stats[M.LOSS_IS_CAPPED_FRAC] = totals["capped"] / trained
+        if totals["tokens"] > 0:
+            stats[M.LOSS_ENTROPY] = totals["entropy"] / trained
+            if kl_coef != 0:
+                stats[M.LOSS_KL_REF] = totals["kl"] / trained
+        if sync_max_diff >= 0:
+            stats[M.SYNC_LOGPROB_MAX_DIFF] = sync_max_diff
+        stats[M.LOSS_GRAD_NORM] = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.algo.max_grad_norm))
         if not (math.isfinite(stats[M.LOSS_POLICY]) and math.isfinite(stats[M.LOSS_GRAD_NORM])):
             # Nothing non-finite may reach the weights, the engines or a checkpoint.
             self.optimizer.zero_grad(set_to_none=True)
@@ -433,7 +516,7 @@ class Trainer:
                 "step_skipped_nonfinite", loss=str(stats[M.LOSS_POLICY]), grad_norm=str(stats[M.LOSS_GRAD_NORM]),
                 in_a_row=self._nonfinite_in_a_row, max_nonfinite_steps=cfg.algo.max_nonfinite_steps,
             )
-            if self._nonfinite_in_a_row >= cfg.algo.max_nonfinite_steps:
+            if self._nonfinite_in_a_row >= cfg.algo.max_nonfinite_steps and self.rank == 0:
                 raise NonFiniteSteps(
                     f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
                     f"(algo.max_nonfinite_steps={cfg.algo.max_nonfinite_steps}); last: loss "
@@ -444,6 +527,33 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self.optimizer.step()
         return stats
+
+    def _engine_weights(self) -> bytearray:
+        """Rank 0: the policy's full weights for the engines, gathered from every rank."""
+        self.ranks.send("weights", {"dtype": str(self.engine_dtype).removeprefix("torch.")})
+        return weights_to_bytes(self.policy, self.engine_dtype)
+
+    def _follow(self) -> None:
+        """Ranks 1..N-1: hold a shard and do what rank 0 says until it says stop
+        (trainer/ranks.py lists the commands)."""
+        while True:
+            command = self.ranks.receive()
+            kind = command["kind"]
+            if kind == "step":
+                self.step = command["step"]  # for this rank's logs
+                self._optimizer_step(command["rows"], LossNorm(**command["norm"]), command["micro_batches"])
+            elif kind == "weights":
+                weights_to_bytes(self.policy, getattr(torch, command["dtype"]), keep=False)
+            elif kind == "checkpoint":
+                ckpt.full_state(self.policy, self.optimizer)
+            elif kind == "model":
+                ckpt.full_weights(self.policy)
+            elif kind == "stop":
+                self.stop_code = command["exit_code"]
+                self.ranks.wait_for_main_exit(timeout_s=self.cfg.engine.shutdown_timeout_s + 30)
+                return
+            else:
+                raise RuntimeError(f"rank {self.rank}: unknown command from rank 0: {kind!r}")
 
     @property
     def failed_worker(self) -> GenerationWorker | None:
@@ -459,6 +569,7 @@ class Trainer:
             return self.last_checkpoint
         if self._saved_step == self.step:  # resumed from it and nothing trained since
             return self.resumed_from
+        self.ranks.send("checkpoint")  # the other ranks send their shards
         self.last_checkpoint = ckpt.save_checkpoint(
             self.output_dir,
             self.step,
@@ -492,6 +603,7 @@ class Trainer:
         second stop request."""
         if self.supervisor is not None:
             self.supervisor.check()
+        self.ranks.check_peers()
         if self._stop_count >= 2 and not self._in_cleanup:
             log.warning("stop_now", signal=_signal_name(self._stop_signal), step=self.step)
             raise RunInterrupted(self._stop_signal, graceful=False, step=self.step)
@@ -532,19 +644,29 @@ class Trainer:
 
     def _save_final_model(self) -> None:
         out = self.output_dir / "model"
-        self.policy.save_pretrained(out, safe_serialization=True)
+        if self.world == 1:
+            self.policy.save_pretrained(out, safe_serialization=True)
+        else:  # gathered from the ranks; FSDP renamed the class, so not save_pretrained
+            self.ranks.send("model")
+            weights = ckpt.full_weights(self.policy)
+            out.mkdir(parents=True, exist_ok=True)
+            self.policy.config.save_pretrained(out)
+            if self.policy.generation_config is not None:
+                self.policy.generation_config.save_pretrained(out)
+            safetensors.torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
         log.info("model_saved", path=str(out))
 
     # ---- cleanup ----------------------------------------------------------------------
 
-    def cleanup(self) -> None:
-        """Stop the workers and engines; groups generated but never trained on are
-        discarded, which returns their permits."""
+    def cleanup(self, failing: bool = False) -> None:
+        """Stop the workers and engines (`failing`: without a graceful wait: the run is
+        ending on an error); groups generated but never trained on are discarded, which
+        returns their permits."""
         if self._bar is not None:
             self._bar.close()
         if self.supervisor is not None:
-            self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s)
+            self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s, fast=failing)
         if self.rewards is not None:
             self.rewards.shutdown()  # kills reward processes; a stuck reward thread is a daemon
         if self.queue is not None:
@@ -556,8 +678,19 @@ class Trainer:
         worker error; raises RunInterrupted after a stop request (see request_stop)."""
         self.history = []
         self._stop_count, self._stop_signal, self._in_cleanup = 0, None, False
-        interrupted = None
-        with structlog.contextvars.bound_contextvars(run_id=self.run_id), self._signals_request_stop():
+        interrupted, failing = None, False
+        context = {"run_id": self.run_id, **({"rank": self.rank} if self.world > 1 else {})}
+        if self.rank != 0:
+            with structlog.contextvars.bound_contextvars(**context):
+                try:
+                    self.setup()
+                    self._follow()
+                except BaseException:
+                    self.ranks.abort()
+                    raise
+                self.ranks.shutdown()
+            return self.history
+        with structlog.contextvars.bound_contextvars(**context), self._signals_request_stop():
             try:
                 try:
                     self.setup()
@@ -569,14 +702,35 @@ class Trainer:
                     interrupted = RunInterrupted(
                         self._stop_signal, graceful=True, step=self.step, checkpoint=str(path) if path else None
                     )
+            except BaseException:
+                failing = True
+                self.ranks.abort()  # the other ranks stop now, not when this process exits
+                raise
             finally:
                 self._in_cleanup = True
-                self.cleanup()
+                self.cleanup(failing)
         if interrupted is not None:
+            self.ranks.send("stop", {"exit_code": int(interrupted.exit_code)})
             raise interrupted
         # Every permit is back: nothing leaked across the run.
         self.final_counters = self.queue.assert_drained()
+        self.ranks.send("stop", {"exit_code": 0})
+        self.ranks.shutdown()
         return self.history
+
+
+def engine_class() -> type:
+    """workers.engine.Engine, imported on first use: a rank without engines, or a run that
+    stops on bad input, never pays for importing vLLM (~8 s). Tests replace this function
+    to build tests/fake_engine.FakeEngine instead."""
+    from workers.engine import Engine
+
+    return Engine
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _signal_name(signum: int | None) -> str | None:

@@ -26,7 +26,6 @@ from typing import Callable
 import structlog
 
 from capacity import RolloutQueue
-from workers.engine import EngineDeadError
 from workers.worker import GenerationWorker
 
 log = structlog.get_logger(__name__)
@@ -193,6 +192,8 @@ class Supervisor:
                 if engine is None or not w.is_alive():
                     continue
                 if not engine.is_alive():
+                    from workers.engine import EngineDeadError  # vLLM's; imported with the engine
+
                     self._record_error(w, EngineDeadError(f"engine {w.index} died (detected by the watchdog)"))
                     engine.wake_blocked()
                     return
@@ -211,10 +212,11 @@ class Supervisor:
 
     # ---- stop -----------------------------------------------------------------------
 
-    def shutdown(self, timeout: float = 30.0) -> list[str]:
+    def shutdown(self, timeout: float = 30.0, fast: bool = False) -> list[str]:
         """Close the queue, stop and join the workers (each shuts its engine down), stop
         the watchdog. Returns the names of threads that did not stop in time; their
-        engines are shut down from here. A second call does nothing."""
+        engines are shut down from here. A second call does nothing. `fast`: the run is
+        failing; engines get no graceful wait."""
         if self._closed:
             return []
         self._closed = True
@@ -224,7 +226,7 @@ class Supervisor:
             self._watchdog.join(1.0)
         self.queue.close(self._error)
         for w in self.workers:
-            w.stop()
+            w.stop(fast=fast)
         deadline = time.monotonic() + timeout
         stuck = []
         for w in self.workers:

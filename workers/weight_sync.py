@@ -17,11 +17,11 @@ WORKER_EXTENSION = f"{__name__}.WeightSyncExtension"
 
 
 class WeightSyncExtension:
-    def load_weights_from_bytes(self, data: bytes) -> int:
+    def load_weights_from_bytes(self, data: bytes | bytearray) -> int:
         """Load checkpoint-format weights (HF names) in place; returns the tensor count."""
         from vllm.platforms import current_platform
 
-        tensors = safetensors.torch.load(data)
+        tensors = safetensors.torch.load(bytes(data) if not isinstance(data, bytes) else data)
         # Not `model.load_weights`: on CPU the backend repacks linear weights into its
         # kernel layout after loading and leaves the original parameters empty, so a
         # plain load_weights writes into nothing. `reload_weights` (vLLM's Worker, 0.32)

@@ -120,6 +120,7 @@ class GenerationWorker(threading.Thread):
     ):
         super().__init__(name=f"gen-{index}", daemon=True)
         self.index = index
+        self._fast_stop = False
         self._build_engine = build_engine
         self._queue = queue
         self._prompts = prompts
@@ -149,7 +150,10 @@ class GenerationWorker(threading.Thread):
         self._inbox.put(cmd)
         return cmd.done
 
-    def stop(self) -> None:
+    def stop(self, fast: bool = False) -> None:
+        """Stop after the current engine step; `fast`: the run is failing, so the engine
+        gets the short shutdown of a failed one."""
+        self._fast_stop = self._fast_stop or fast
         self._inbox.put(_STOP)
 
     def in_flight(self) -> int:
@@ -211,7 +215,8 @@ class GenerationWorker(threading.Thread):
             if self.engine is not None:
                 # A failed engine (dead, or stopped and unable to act on SIGTERM) is not
                 # worth a graceful wait: its processes are killed by PID after this.
-                self.engine.shutdown(timeout=self.FAILED_SHUTDOWN_S if failed else self.SHUTDOWN_S)
+                fast = failed or self._fast_stop
+                self.engine.shutdown(timeout=self.FAILED_SHUTDOWN_S if fast else self.SHUTDOWN_S)
             log.info("worker_stopped", **self.stats)
 
     def _apply_inbox(self) -> None:

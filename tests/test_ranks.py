@@ -1,0 +1,85 @@
+"""Training across ranks without an engine: two gloo ranks with FSDP2 shards take the
+same optimizer step as one rank, and the rank plumbing's pieces."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from tests.faults import REPO
+from trainer.config import TrainerConfig
+from trainer.errors import ConfigError
+from trainer.ranks import check_layout, split_by_tokens
+
+
+def run_step(tmp_path, ranks: int) -> tuple[dict, dict]:
+    out = tmp_path / f"weights-{ranks}.safetensors"
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([*launcher, "-m", "tests.ranks_step", str(out)], check=True, cwd=REPO, env=env, timeout=300)
+    with safetensors.safe_open(str(out), "pt") as f:
+        stats = json.loads(f.metadata()["stats"])
+    return safetensors.torch.load_file(str(out)), stats
+
+
+def test_two_ranks_take_the_same_optimizer_step_as_one(tmp_path):
+    one, one_stats = run_step(tmp_path, 1)
+    two, two_stats = run_step(tmp_path, 2)
+    assert set(one) == set(two)
+    from trainer.models import load_policy, resolve_model_path
+
+    before = dict(load_policy(resolve_model_path("tiny"))[0].named_parameters())
+    moved = max((one[k] - before[k].detach()).abs().max().item() for k in one)
+    assert moved > 1e-5  # the step changed the weights ...
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert diff < 1e-5, diff  # ... the same way with two ranks
+    for key in ("loss/policy", "loss/grad_norm", "loss/entropy", "loss/clip_frac", "loss/is_ratio_max"):
+        assert two_stats[key] == pytest.approx(one_stats[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rows_are_split_by_tokens():
+    parts = split_by_tokens([10, 1, 1, 9, 2, 3], 2)
+    assert sorted(i for p in parts for i in p) == list(range(6))
+    loads = [sum([10, 1, 1, 9, 2, 3][i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= 1
+    assert split_by_tokens([5], 2) == [[0], []]
+
+
+@pytest.mark.parametrize(
+    "overrides, gpus, key",
+    [
+        (["trainer.ranks=2", "trainer.device=cuda"], 0, "trainer.device"),
+        (["trainer.ranks=4"], 2, "trainer.ranks"),
+        (["trainer.ranks=2"], 2, "trainer.ranks"),  # no GPU left for the engines
+        (["trainer.ranks=2", "engine.devices=[1,2]"], 4, "engine.devices"),  # GPU 1 is rank 1's
+        (["trainer.ranks=2", "trainer.device=cuda:1"], 4, "trainer.device"),
+    ],
+)
+def test_a_device_layout_that_cannot_work_is_a_config_error_naming_the_key(overrides, gpus, key):
+    cfg = TrainerConfig.load(None, overrides)
+    with pytest.raises(ConfigError) as e:
+        check_layout(cfg, gpus)
+    assert e.value.key == key
+
+
+def test_layouts_that_fit():
+    check_layout(TrainerConfig.load(None, ["trainer.ranks=2"]), 0)  # CPU: gloo
+    check_layout(TrainerConfig.load(None, ["trainer.ranks=2"]), 3)  # GPUs 0-1 train, 2 generates
+    check_layout(TrainerConfig.load(None, ["trainer.ranks=2", "engine.devices=[3]"]), 4)
+    check_layout(TrainerConfig.load(None, ["trainer.ranks=1"]), 1)  # one GPU, shared as before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_ranks_on_gpus_take_the_same_step_as_one(tmp_path):
+    """The GPU path (NCCL, a GPU per rank): the same comparison."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    test_two_ranks_take_the_same_optimizer_step_as_one(tmp_path)
