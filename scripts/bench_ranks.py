@@ -37,21 +37,21 @@ COMMON = ("algo.max_staleness=1", "gen.max_tokens=32", "engine.max_model_len=256
 
 def rank_processes(launcher: int) -> dict[int, psutil.Process]:
     """rank -> process: the ranks (their RANK variable), or the one training process."""
-    found = {}
+    ranks, training = {}, None
     try:
         children = psutil.Process(launcher).children(recursive=True)
     except psutil.Error:
-        return found
+        return {}
     for p in children:
         try:
             rank = p.environ().get("RANK")
-            if rank is not None:
-                found[int(rank)] = p
+            if rank is not None and "RANK" not in p.parent().environ():  # a rank, not its engine
+                ranks[int(rank)] = p
             elif p.ppid() == launcher:
-                found.setdefault(0, p)
+                training = p
         except psutil.Error:
             pass
-    return found
+    return ranks or ({0: training} if training else {})
 
 
 def sample_rss(launcher: int, peak: dict[int, int], stop: threading.Event) -> None:

@@ -10,7 +10,9 @@ pytestmark = pytest.mark.engine
 KILL_TO_EXIT_LIMIT_S = 10.0
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.startswith("kill_")])
+# kill_in_training_step is left to scripts/bench_failure.py: the same detection path as
+# kill_mid_generation, one more engine start (~40 s) in CI.
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.startswith("kill_") and s != "kill_in_training_step"])
 def test_sigkill_engine_core_exits_1_with_run_failed(tmp_path, tiny_model_path, scenario):
     r = inject(scenario, tmp_path, tiny_model_path)
     assert r.returncode == 1

@@ -1,8 +1,9 @@
 """Nothing lost, end to end: scripts/train.py (the launcher) with the tiny model and a
 real vLLM engine, with one trainer rank and with two, stopped by SIGKILL, SIGTERM,
-exceptions and engine deaths, then resumed. With max_staleness=0 and one engine, step k
-of any run trains the same prompts, so a run that was interrupted and resumed must match
-an uninterrupted one step by step."""
+exceptions and engine deaths, then resumed. With max_staleness=0, one engine and two
+groups per step, step k of any run trains prompts 2k and 2k+1 (an uninterrupted run
+does: tests/trainer/test_resume.py), so runs that were interrupted and resumed must
+train exactly those, step by step."""
 
 import json
 import os
@@ -43,24 +44,12 @@ def prompts_per_step(*event_lists):
     return out
 
 
-def steps_trained(events):
-    return [e["step"] for e in events if e["event"] == "train_step"]
-
-
 def checkpoint_saved(step):
     return lambda e: e.get("event") == "checkpoint_saved" and e.get("checkpoint_step") == step
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_path):
-    """An uninterrupted run: its prompts per step."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run = start(tmp, tiny_model_path, tmp / "run")
-    assert run.finish(timeout=300) == 0, run.events[-3:]
-    assert steps_trained(run.events) == list(range(STEPS))
-    per_step = prompts_per_step(run.events)
-    assert sorted(per_step) == list(range(STEPS))
-    return per_step
+# What an uninterrupted run trains at each step (Run's default: 2 groups per step).
+REFERENCE = {k: [2 * k, 2 * k + 1] for k in range(STEPS)}
 
 
 RANKS2 = "trainer.ranks=2"
@@ -73,7 +62,7 @@ def latest_step(run_dir) -> int:
     return int(ckpt.latest_valid_checkpoint(run_dir).name.split("-")[1])
 
 
-def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny_model_path, reference):
+def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny_model_path):
     """One output dir, eight processes, every way a run can end, across rank counts:
     1. one rank, the training process SIGKILLed;
     2. two ranks (a 1-rank checkpoint), an exception on rank 1 only;
@@ -84,7 +73,8 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     7. two ranks with --max-restarts 1: the engine dies, the restart finishes.
     Each failure ends the run within seconds with one run_failed naming the cause (and
     the rank), and leaves no process; together the runs train exactly the reference's
-    prompts, step by step, every step on the weights the engine just received."""
+    prompts of an uninterrupted run, step by step, every step on the weights the engine
+    just received."""
     run_dir = tmp_path / "run"
     runs = []
 
@@ -208,7 +198,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     # (with two ranks: gathered from both).
     assert all(e["sync/logprob_max_diff"] < 1e-3 for e in steps), [e["sync/logprob_max_diff"] for e in steps]
     assert {e["perf/ranks"] for e in steps} == {1, 2}
-    assert prompts_per_step(*(run.events for run in runs)) == reference
+    assert prompts_per_step(*(run.events for run in runs)) == REFERENCE
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(
         range(STEPS)
     )

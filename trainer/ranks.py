@@ -136,10 +136,6 @@ class Ranks:
     _seq: int = 0  # commands sent (rank 0) or received (followers)
     _mesh: Any = None
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     @classmethod
     def start(cls, device: torch.device, collective_timeout_s: float) -> Ranks:
         """Join the process group the launcher's environment describes (no-op for one rank)."""
