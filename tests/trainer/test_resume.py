@@ -233,11 +233,15 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, tiny_model
 
     def slow_logprobs(*args, **kwargs):
         started.set()
-        time.sleep(0.2)
+        # The step cannot end before both signals are in, however late the sender runs
+        # on a loaded machine (a fixed sleep here once lost that race in CI).
+        deadline = time.monotonic() + 3
+        while trainer._stop_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "token_logprobs", slow_logprobs)
-    # 4 micro-batches of one sequence: 0.8 s to finish the step.
+    # 4 micro-batches of one sequence: the second signal arrives in the first.
     trainer = Trainer(config(tmp_path, tiny_model_path, "run.steps=3", "algo.micro_batch_size=1"), task=LetterTask())
     sender = send_when(started.is_set, signal.SIGTERM, times=2)
     t0 = time.monotonic()
