@@ -173,19 +173,21 @@ def save_checkpoint(
     return final
 
 
+# Unsharded, on CPU; with shards, gathered to rank 0 (the other ranks get empty dicts).
+_GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The unsharded model and optimizer state on CPU, keyed by parameter name (a tied
     weight once). Sharded: a collective every rank joins; rank 0 gets the state, the
     others empty dicts."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=opts)
+    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=_GATHERED)
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights on CPU (a tied weight once); sharded: as `full_state`."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     names = _state_names(model)
-    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=opts).items() if k in names}
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=_GATHERED).items() if k in names}
 
 
 def _state_names(model: torch.nn.Module) -> set[str]:

@@ -452,12 +452,12 @@ class Trainer:
         mb = cfg.algo.micro_batch_size
         for k in range(micro_batches):
             chunk = list(range(k * mb, min((k + 1) * mb, len(rows))))
-            sub = batch.select(torch.tensor(chunk or [0], device=self.device))
+            idx = torch.tensor(chunk or [0], device=self.device)
+            sub = batch.select(idx)
             if not chunk:  # this rank has run out of rows: row 0 again, with no weight
                 sub = dataclasses.replace(sub, completion_mask=torch.zeros_like(sub.completion_mask), num_tokens=0)
             if sub.num_tokens == 0 and self.world == 1:
                 continue  # nothing to learn, and no other rank waits on this micro-batch
-            idx = torch.tensor(chunk or [0], device=self.device)
             self._check()  # a long step on a big model should not delay a worker error or a stop
             logprobs, entropy = token_logprobs(self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0)
             loss, s = policy_loss(  # this micro-batch's share of the batch loss
