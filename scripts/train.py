@@ -30,7 +30,8 @@ Process layout: this process is a launcher. It trains in a child process (this s
 again, with RLT_TRAIN_CHILD set) in its own session and process group, forwards SIGINT
 and SIGTERM to it, and once the child has ended, however it ended (exit, exception,
 SIGKILL, OOM kill), kills whatever is left of its process group: no vLLM engine process
-outlives the run. With --max-restarts N, a fatal end (exit 1, or the child killed) is
+outlives the run; then it removes the weights' shared memory (/dev/shm/rlt-<launcher
+pid>-*) that a killed child left. With --max-restarts N, a fatal end (exit 1, or the child killed) is
 followed by a restart from the last checkpoint (run.resume=auto), at most N times, each
 logged as a `run_restart` event. --no-launcher trains in this process instead.
 
@@ -313,6 +314,7 @@ def launch(argv: list[str]) -> int:
     from trainer.config import TrainerConfig
     from trainer.errors import ConfigError, ExitCode
     from trainer.log import configure_logging
+    from workers import shm
 
     configure_logging(args.log_format or "auto")
     log = structlog.get_logger("launcher")
@@ -356,7 +358,7 @@ def launch(argv: list[str]) -> int:
         started = time.monotonic()
         child = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), *child_argv],
-            env={**os.environ, CHILD_ENV: str(os.getpid())},
+            env={**os.environ, CHILD_ENV: str(os.getpid()), shm.OWNER_ENV: str(os.getpid())},
             start_new_session=True,  # its own session and process group: pgid == pid
         )
         while pending:  # arrived while it was being started
@@ -366,6 +368,9 @@ def launch(argv: list[str]) -> int:
         # the group is killed.
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
         orphans = _kill_process_group(child.pid, launcher=os.getpid())
+        # Only once nothing of the run is left: the weights' shared memory it did not
+        # get to unlink (killed before every engine had mapped it).
+        shm_removed = shm.sweep(os.getpid())
         child.wait()
         rc = child.returncode
         # The child's last line (run_done, run_failed, ...) stays the run's last line:
@@ -373,6 +378,9 @@ def launch(argv: list[str]) -> int:
         if orphans:
             print(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}",
                   file=sys.stderr, flush=True)
+        if shm_removed:
+            print(f"train.py launcher: removed shared memory left by the training process {child.pid}: "
+                  f"{shm_removed}", file=sys.stderr, flush=True)
         if signals:  # a stop was asked for: no restart
             return _stopped_code(signals[0]) if rc < 0 else rc
         if rc < 0:  # killed: it could not say why, so the launcher does
@@ -380,7 +388,7 @@ def launch(argv: list[str]) -> int:
             log.error(
                 "run_failed", error_type="ProcessKilled", error=f"the training process {child.pid} was killed by {name}",
                 signal=name, worker=None, engine=None, step=None, pid=child.pid, orphans_killed=orphans,
-                will_restart=restarts < args.max_restarts,
+                shm_removed=shm_removed, will_restart=restarts < args.max_restarts,
             )
             rc = ExitCode.FATAL
         if rc != ExitCode.FATAL or restarts >= args.max_restarts:

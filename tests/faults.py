@@ -15,6 +15,7 @@ import threading
 import time
 
 from tests.helpers import alive
+from workers.shm import PREFIX, SHM_DIR
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,11 @@ class Run:
         self.pids: list[int] = []  # every process of the run its log names: training, ranks, engines
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
+
+    def shm_left(self) -> list[str]:
+        """The weights' shared-memory files of this run still in /dev/shm (named after
+        the launcher: workers/shm.py)."""
+        return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{self.proc.pid}-*"))
 
     def _read(self):
         for line in self.proc.stdout:
@@ -158,6 +164,7 @@ class FaultResult:
     detect_s: float | None  # signal to the worker_failed event
     events: list[dict]
     leftover_pids: list[int]  # processes of the run alive after it exited
+    shm_left: list[str]  # the run's shared-memory files left in /dev/shm
 
     @property
     def last(self) -> dict:
@@ -185,4 +192,4 @@ def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float
             os.kill(pid, signal.SIGKILL)
     failed = [e for e in run.events if e.get("event") == "worker_failed"]
     detect_s = event_time(failed[0]) - signalled_wall if failed else None
-    return FaultResult(scenario, rc, exit_s, detect_s, run.events, leftovers)
+    return FaultResult(scenario, rc, exit_s, detect_s, run.events, leftovers, run.shm_left())

@@ -56,6 +56,18 @@ def failing_task():
     raise RuntimeError("task factory failed on purpose")
 
 
+def shm_then_sigkill():
+    """A task factory that makes a weights shared-memory file, as the trainer's first
+    sync does, and is SIGKILLed before anything could unlink it (the OOM killer's way)."""
+    import os
+    import signal
+
+    from workers.shm import SharedWeights
+
+    SharedWeights(4096, 0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---- reward functions (module level: the process executor pickles them by name) -------
 
 

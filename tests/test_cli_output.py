@@ -13,6 +13,7 @@ import pytest
 from tests.faults import REPO
 from tests.helpers import alive
 from trainer import metrics as M
+from workers.shm import PREFIX, SHM_DIR
 
 pytestmark = pytest.mark.engine
 
@@ -90,3 +91,4 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     assert events[-1]["event"] == "run_done"
     time.sleep(0.2)
     assert alive(engine_pids) == []
+    assert not list(SHM_DIR.glob(f"{PREFIX}*")), "the weights' shared memory outlived the run"

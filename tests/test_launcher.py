@@ -11,6 +11,7 @@ import time
 from scripts import train
 from tests.faults import REPO
 from tests.helpers import alive
+from workers.shm import PREFIX, SHM_DIR
 
 
 def test_kill_process_group_takes_down_what_ignores_sigterm_and_leaves_the_rest():
@@ -115,6 +116,20 @@ def test_a_fatal_error_is_restarted_at_most_max_restarts_times(tmp_path, tiny_mo
     assert events[-1]["event"] == "run_failed" and "failed on purpose" in events[-1]["error"]
     children = [e["pid"] for e in events if e["event"] == "training_process_started"]
     assert alive(children) == []
+
+
+def test_shared_memory_a_killed_training_process_left_is_removed(tmp_path, tiny_model_path):
+    before = set(SHM_DIR.glob(f"{PREFIX}*"))
+    rc, events = run_cli(
+        tmp_path, f"model.path={tiny_model_path}", f"run.output_dir={tmp_path / 'run'}",
+        "task.name=python", "task.factory=tests.helpers:shm_then_sigkill",
+    )
+    assert rc == 1
+    last = events[-1]
+    assert last["event"] == "run_failed" and last["error_type"] == "ProcessKilled" and last["signal"] == "SIGKILL"
+    (removed,) = last["shm_removed"]
+    assert removed.startswith(f"{PREFIX}") and removed.endswith("-weights")
+    assert set(SHM_DIR.glob(f"{PREFIX}*")) == before
 
 
 def test_bad_input_is_not_restarted_and_starts_no_training_process(tmp_path):

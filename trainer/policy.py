@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import structlog
 import torch
 from torch import Tensor
+
+from workers.shm import SHM_DIR, SharedWeights, SharedWeightsHandle, no_room
+
+log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -92,17 +97,9 @@ def token_logprobs(
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype, keep: bool = True) -> bytearray | None:
-    """The policy's weights as safetensors bytes in the engine's dtype, for the sync.
-
-    Written one parameter at a time into one buffer sized from the parameters' shapes:
-    the full weights exist once, in the engine's dtype, even when each rank holds a shard
-    (a sharded parameter is gathered, used and dropped: trainer/ranks.full_parameters).
-    Every rank must call this; only those with `keep` get the bytes (the others None).
-    `named_parameters` lists a tied weight (lm_head = embed_tokens) once, which
-    safetensors requires; vLLM reties it on load."""
-    from trainer.ranks import full_parameters
-
+def _safetensors_header(model: torch.nn.Module, dtype: torch.dtype) -> tuple[bytes, dict, int]:
+    """The safetensors header (length prefix included, padded to 8 bytes) of the
+    policy's weights in `dtype`, each parameter's data offsets, and the data's size."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     header, size = {}, 0
     for name, p in model.named_parameters():  # a sharded parameter's shape is the full one
@@ -111,17 +108,84 @@ def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype, keep: bool = Tr
         size += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-    start = 8 + len(head)
-    buf = bytearray(start + size) if keep else None
+    return len(head).to_bytes(8, "little") + head, header, size
+
+
+def weights_image_size(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes, tensors) of the safetensors image weights_to_bytes writes."""
+    head, header, size = _safetensors_header(model, dtype)
+    return len(head) + size, len(header)
+
+
+def weights_to_bytes(model: torch.nn.Module, dtype: torch.dtype, keep: bool = True, into=None) -> bytearray | None:
+    """The policy's weights as a safetensors image in the engine's dtype, for the sync:
+    into `into` (a writable buffer of weights_image_size bytes: the shared memory the
+    engines map) or a new bytearray.
+
+    Written one parameter at a time, cast on the way (one pass over the weights): the
+    full weights exist once, in the engine's dtype, even when each rank holds a shard
+    (a sharded parameter is gathered, used and dropped: trainer/ranks.full_parameters).
+    Every rank must call this; only those with `keep` get the image (the others None).
+    `named_parameters` lists a tied weight (lm_head = embed_tokens) once, which
+    safetensors requires; vLLM reties it on load."""
+    from trainer.ranks import full_parameters
+
+    head, header, size = _safetensors_header(model, dtype)
+    start = len(head)
+    buf = None
     if keep:
-        buf[:start] = len(head).to_bytes(8, "little") + head
+        buf = bytearray(start + size) if into is None else into
+        if len(buf) != start + size:
+            raise ValueError(f"weights_to_bytes: the buffer holds {len(buf)} bytes, the image {start + size}")
+        buf[:start] = head
+    itemsize = torch.empty((), dtype=dtype).element_size()
     for name, tensor in full_parameters(model):
         begin, end = header[name]["data_offsets"]
         if keep and end > begin:
             out = torch.frombuffer(buf, dtype=dtype, offset=start + begin, count=(end - begin) // itemsize)
             out.copy_(tensor.reshape(-1))  # to CPU, in the engine's dtype
+            del out  # no view may outlive the call: a mapping with views cannot close
         del tensor
     return buf
+
+
+class EngineWeights:
+    """Where the policy's weights go for the engines: a shared-memory file the engines
+    map (workers/shm.py), rewritten in place at every sync, or, when /dev/shm cannot
+    hold it, new bytes each time (pickled through the RPC socket: slower, same result).
+
+    The file is made at the first sync and unlinked once every engine has mapped it
+    (`mapped()`), so a run that is killed later leaves nothing in /dev/shm."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.shared: SharedWeights | None = None
+        self._no_shared = False
+
+    def write(self, model: torch.nn.Module) -> SharedWeightsHandle | bytearray:
+        if self.shared is None and not self._no_shared:
+            size, tensors = weights_image_size(model, self.dtype)
+            try:
+                self.shared = SharedWeights(size, tensors)
+            except OSError as e:
+                if not no_room(e):
+                    raise
+                self._no_shared = True
+                log.warning("weight_sync_without_shared_memory", bytes=size, directory=str(SHM_DIR), error=str(e))
+        if self.shared is None:
+            return weights_to_bytes(model, self.dtype)
+        weights_to_bytes(model, self.dtype, into=self.shared.buffer)
+        return self.shared.handle()
+
+    def mapped(self) -> None:
+        """Every engine holds a mapping: the name can go."""
+        if self.shared is not None:
+            self.shared.unlink()
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

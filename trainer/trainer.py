@@ -46,7 +46,7 @@ from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import load_policy, resolve_model_path
-from trainer.policy import TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
+from trainer.policy import EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
 from trainer.ranks import Ranks, grad_norm_value, split_by_tokens, world_from_env
@@ -83,6 +83,7 @@ class Trainer:
         self.output_dir = pathlib.Path(cfg.run.output_dir)
         self.supervisor: Supervisor | None = None
         self.rewards: RewardPool | None = None
+        self.engine_weights: EngineWeights | None = None  # rank 0, once the engines are up
         self.queue: RolloutQueue | None = None
         self.history: list[dict[str, Any]] = []
         self._bar: StepBar | None = None  # a progress bar on a terminal (trainer/progress.py)
@@ -194,10 +195,11 @@ class Trainer:
         self.supervisor.start()
         self.supervisor.wait_ready(cfg.engine.start_timeout_s, health_check=self._check_waiting, open_gate=False)
         self.engine_dtype = self.supervisor.workers[0].engine.dtype
+        self.engine_weights = EngineWeights(self.engine_dtype)
         if self.resumed_from is not None:
             # The engines loaded the base model: they get the resumed policy before they
             # generate anything (the workers apply their inbox while the gate is shut).
-            self.supervisor.broadcast_weights(self._engine_weights(), version, cfg.engine.sync_timeout_s)
+            self._sync_weights(version)
         self.supervisor.open_gate()
         log.info("engines_ready", count=count, seconds=round(time.monotonic() - t0, 1), engine_dtype=str(self.engine_dtype))
 
@@ -318,7 +320,7 @@ class Trainer:
             loss_stats = self._train_on(groups)
             t_trained = time.monotonic()
             log.debug("phase", phase="sync")
-            sync_s = self.supervisor.broadcast_weights(self._engine_weights(), version + 1, cfg.engine.sync_timeout_s)
+            sync_s = self._sync_weights(version + 1)
             self.queue.retire(B)
             self.trained.add(g.prompt_index for g in groups)
             self.trained.add(self.prompts.take_skipped())  # overlong: done for good
@@ -528,10 +530,15 @@ class Trainer:
         self.optimizer.step()
         return stats
 
-    def _engine_weights(self) -> bytearray:
-        """Rank 0: the policy's full weights for the engines, gathered from every rank."""
+    def _sync_weights(self, version: int) -> float:
+        """Rank 0: the policy's full weights (gathered from every rank) into the engines'
+        shared memory, then every engine loads them; returns the seconds of both."""
+        t0 = time.monotonic()
         self.ranks.send("weights", {"dtype": str(self.engine_dtype).removeprefix("torch.")})
-        return weights_to_bytes(self.policy, self.engine_dtype)
+        weights = self.engine_weights.write(self.policy)
+        self.supervisor.broadcast_weights(weights, version, self.cfg.engine.sync_timeout_s)
+        self.engine_weights.mapped()
+        return time.monotonic() - t0
 
     def _follow(self) -> None:
         """Ranks 1..N-1: hold a shard and do what rank 0 says until it says stop
@@ -669,6 +676,8 @@ class Trainer:
             self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s, fast=failing)
         if self.rewards is not None:
             self.rewards.shutdown()  # kills reward processes; a stuck reward thread is a daemon
+        if self.engine_weights is not None:
+            self.engine_weights.close()
         if self.queue is not None:
             discarded = self.queue.discard_queued()
             log.info("capacity_final", discarded_groups=discarded, **self.queue.counters().as_dict())

@@ -26,7 +26,8 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from workers.weight_sync import WORKER_EXTENSION
+from workers.shm import SharedWeightsHandle
+from workers.weight_sync import SHM_BACKEND, WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class Engine:
             )
         )
         self._pending: dict[str, list[int]] = {}
+        self._shared_path: str | None = None  # the shared weights the engine has mapped
+        self.last_load_s: dict[str, float] = {}  # seconds per phase of the last weight load
         self._shutdown_lock = threading.Lock()
         self._closed = False
         started = time.monotonic()
@@ -228,17 +231,36 @@ class Engine:
         for request_id in request_ids:
             self._pending.pop(request_id, None)
 
-    def load_weights(self, data: bytes, version: int | str | None = None) -> int:
-        """Replace the weights with safetensors `data` (HF names, already in `self.dtype`).
+    def load_weights(self, weights: bytes | bytearray | SharedWeightsHandle, version: int | str | None = None) -> int:
+        """Replace the weights with a safetensors image (HF names, already in
+        `self.dtype`): a shared-memory file the trainer wrote (workers/shm.py), mapped
+        by the engine the first time it is seen, or the bytes themselves.
 
         Requests in flight continue on the new weights; `version` labels the tokens
         sampled from now on (see Completion.weight_versions). Returns the tensor count.
         """
         self._raise_if_dead()
-        counts = self._llm.collective_rpc("load_weights_from_bytes", args=(data,))
+        rpc, phases = self._llm.collective_rpc, {}
+        t0 = time.perf_counter()
+        if isinstance(weights, SharedWeightsHandle):
+            if self._shared_path != weights.path:
+                rpc("init_weight_transfer_engine", args=({"path": weights.path, "size": weights.size},))
+                self._shared_path = weights.path
+                phases["init"] = time.perf_counter() - t0
+            # vLLM's weight-transfer protocol in one RPC (workers/weight_sync.py):
+            # start = layer-wise reload set up, update = copy from the mapping into the
+            # parameters, finish = kernel processing (on CPU: repacking).
+            t = time.perf_counter()
+            phases.update(rpc("update_weights_atomically", args=({},))[0])
+            phases["rpc"] = time.perf_counter() - t - sum(phases[p] for p in ("start", "update", "finish"))
+            count = weights.tensors
+        else:
+            count = rpc("load_weights_from_bytes", args=(weights,))[0]
+            phases["bytes"] = time.perf_counter() - t0
         if version is not None:
             self._llm.engine_core.set_weight_version(str(version))
-        return counts[0]
+        self.last_load_s = phases
+        return count
 
     def is_alive(self) -> bool:
         """Never blocks: the dead flag vLLM's monitor sets, and the processes themselves."""
@@ -318,6 +340,7 @@ def engine_kwargs(
         enforce_eager=enforce_eager,
         enable_prefix_caching=False,
         worker_extension_cls=WORKER_EXTENSION,
+        weight_transfer_config={"backend": SHM_BACKEND},
         disable_log_stats=True,
         **_no_partial_prefill(max_model_len),
     )

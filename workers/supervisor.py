@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -163,9 +163,10 @@ class Supervisor:
 
     # ---- weights --------------------------------------------------------------------
 
-    def broadcast_weights(self, data: bytes, version: int, timeout: float) -> float:
-        """Send safetensors bytes to every worker and wait until every engine holds them.
-        Returns the seconds it took."""
+    def broadcast_weights(self, data: Any, version: int, timeout: float) -> float:
+        """Hand new weights (a shared-memory handle or safetensors bytes: what
+        `Engine.load_weights` takes) to every worker and wait until every engine holds
+        them. Returns the seconds it took."""
         if self._closed:
             raise SupervisorBroken("broadcast_weights after shutdown")
         self.check()

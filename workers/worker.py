@@ -74,7 +74,7 @@ class RolloutGroup:
 
 @dataclasses.dataclass
 class _LoadWeights:
-    data: bytes  # safetensors
+    data: Any  # Engine.load_weights' argument: a SharedWeightsHandle or safetensors bytes
     version: int
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -144,7 +144,7 @@ class GenerationWorker(threading.Thread):
 
     # ---- called from other threads ------------------------------------------------
 
-    def load_weights(self, data: bytes, version: int) -> threading.Event:
+    def load_weights(self, data: Any, version: int) -> threading.Event:
         """Queue new weights; the returned event is set once the engine holds them."""
         cmd = _LoadWeights(data, version)
         self._inbox.put(cmd)

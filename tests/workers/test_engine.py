@@ -13,7 +13,7 @@ import torch
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from trainer.models import load_policy
-from trainer.policy import weights_to_bytes
+from trainer.policy import EngineWeights, weights_to_bytes
 from workers.engine import Engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(240)]
@@ -131,12 +131,13 @@ def test_sigkill_during_load_weights_unblocks_it(tiny_model_path):
     engine = Engine(tiny_model_path, max_model_len=512)
     pids = engine.process_pids()
     model, _ = load_policy(tiny_model_path, "cpu", engine.dtype)
-    data = weights_to_bytes(model, engine.dtype)
+    shared = EngineWeights(engine.dtype)
+    handle = shared.write(model)
     try:
         # Stopped first, so that the call is certainly waiting for its answer when the
         # kill lands (a weight load on the tiny model takes well under a second).
         os.kill(pids[0], signal.SIGSTOP)
-        loader = Caller(lambda: engine.load_weights(data))
+        loader = Caller(lambda: engine.load_weights(handle))
         watchdog = Watchdog(engine)
         loader.start()
         time.sleep(0.5)
@@ -152,7 +153,9 @@ def test_sigkill_during_load_weights_unblocks_it(tiny_model_path):
         watchdog.stop.set()
     finally:
         engine.shutdown()
+        shared.close()
     assert_all_gone(pids)
+    assert not os.path.exists(handle.path)
 
 
 def test_shutdown_is_idempotent_and_wakes_a_blocked_step(tiny_model_path):
@@ -235,6 +238,7 @@ def test_abort(tiny_engine):
 
 
 def test_weight_sync_matches_torch(tiny_engine, tiny_model_path):
+    """Both ways in: the shared-memory file (the default) and safetensors bytes."""
     model, _ = load_policy(tiny_model_path, "cpu", torch.float32)
     before = [greedy_engine(tiny_engine, p) for p in PROMPTS]
     assert before == [greedy_torch(model, p) for p in PROMPTS]
@@ -244,19 +248,32 @@ def test_weight_sync_matches_torch(tiny_engine, tiny_model_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    shared = EngineWeights(tiny_engine.dtype)
     try:
         started = time.monotonic()
-        count = tiny_engine.load_weights(weights_to_bytes(model, tiny_engine.dtype), version=1)
-        print(f"weight sync (tiny, {len(original) / 2**20:.0f} MiB): {time.monotonic() - started:.3f} s")
+        count = tiny_engine.load_weights(shared.write(model), version=1)
+        print(f"weight sync (tiny, {len(original) / 2**20:.0f} MiB, shared memory): {time.monotonic() - started:.3f} s")
         assert count == len(list(model.named_parameters()))
+        assert set(tiny_engine.last_load_s) == {"init", "start", "update", "finish", "rpc"}
+        shared.mapped()  # the engine holds its own mapping: the name can go
         after = [greedy_engine(tiny_engine, p) for p in PROMPTS]
         assert after == [greedy_torch(model, p) for p in PROMPTS]
         assert after != before
         group = generate(tiny_engine, PROMPTS[0], n=1, max_tokens=4, seed=0)
         sample = group.completions[0]
         assert sample.weight_versions == [("1", 0, len(sample.token_ids))]
+        # The engine copied the weights: what the trainer writes next does not reach
+        # it before the next sync.
+        shared.shared.buffer[4096:] = bytes(len(shared.shared.buffer) - 4096)
+        assert [greedy_engine(tiny_engine, p) for p in PROMPTS] == after
+        # The next sync reuses the mapping (no init).
+        assert tiny_engine.load_weights(shared.write(model), version=2) == count
+        assert "init" not in tiny_engine.last_load_s
+        assert [greedy_engine(tiny_engine, p) for p in PROMPTS] == after
     finally:
-        tiny_engine.load_weights(original, version=0)
+        shared.close()
+        assert tiny_engine.load_weights(original, version=0) == count  # as bytes
+        assert set(tiny_engine.last_load_s) == {"bytes"}
     assert [greedy_engine(tiny_engine, p) for p in PROMPTS] == before
 
 

@@ -1,0 +1,97 @@
+"""The weights' shared memory (workers/shm.py) and the trainer's side of it
+(trainer/policy.EngineWeights), without an engine."""
+
+import errno
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from trainer.policy import EngineWeights, weights_image_size, weights_to_bytes
+from workers import shm
+
+
+class TinyPolicy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(7, 4)
+        self.proj = torch.nn.Linear(4, 3)
+
+
+def test_a_file_named_after_its_owner_unlinked_then_closed(tmp_path, monkeypatch):
+    monkeypatch.setenv(shm.OWNER_ENV, "4242")
+    weights = shm.SharedWeights(100, 3, directory=tmp_path)
+    assert weights.path.name.startswith(f"{shm.PREFIX}4242-{os.getpid()}-") and weights.path.stat().st_size == 100
+    weights.buffer[:3] = b"abc"
+    assert weights.handle() == shm.SharedWeightsHandle(str(weights.path), 100, 3)
+    mapped = shm.map_shared(str(weights.path), 100)  # what an engine does
+    weights.unlink()
+    assert not weights.path.exists()
+    weights.buffer[3:5] = b"de"  # both mappings still share the memory
+    assert mapped[:5] == b"abcde"
+    weights.close()
+    weights.close()  # idempotent
+    mapped.close()
+
+
+def test_sweep_removes_only_the_owners_files(tmp_path):
+    mine = [tmp_path / f"{shm.PREFIX}17-100-aa-weights", tmp_path / f"{shm.PREFIX}17-101-bb-weights"]
+    others = [tmp_path / f"{shm.PREFIX}170-100-cc-weights", tmp_path / "psm_17"]
+    for path in mine + others:
+        path.write_bytes(b"x")
+    assert shm.sweep(17, directory=tmp_path) == sorted(p.name for p in mine)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
+    assert shm.sweep(17, directory=tmp_path) == []
+
+
+def test_no_room_is_an_error_that_leaves_no_file(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as raised:
+        shm.SharedWeights(1 << 20, 1, directory=tmp_path)
+    assert shm.no_room(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shared_image_is_the_safetensors_bytes(dtype):
+    model = TinyPolicy()
+    size, tensors = weights_image_size(model, dtype)
+    data = weights_to_bytes(model, dtype)
+    assert (len(data), tensors) == (size, 3)
+    out = EngineWeights(dtype)
+    try:
+        handle = out.write(model)
+        assert (handle.size, handle.tensors) == (size, tensors)
+        assert bytes(out.shared.buffer) == bytes(data)
+        loaded = safetensors.torch.load(bytes(out.shared.buffer))
+        assert set(loaded) == {"embed.weight", "proj.weight", "proj.bias"}
+        assert all(t.dtype == dtype for t in loaded.values())
+        assert torch.equal(loaded["proj.weight"], model.proj.weight.detach().to(dtype))
+        with torch.no_grad():
+            model.proj.weight.add_(1.0)
+        assert out.write(model) == handle  # rewritten in place
+        assert torch.equal(safetensors.torch.load(bytes(out.shared.buffer))["proj.weight"], model.proj.weight.detach().to(dtype))
+        path = out.shared.path
+        out.mapped()
+        assert not path.exists()
+    finally:
+        out.close()
+    assert out.shared is None
+
+
+def test_without_room_in_dev_shm_the_weights_go_as_bytes(monkeypatch):
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("trainer.policy.SharedWeights", no_room)
+    model = TinyPolicy()
+    out = EngineWeights(torch.float32)
+    data = out.write(model)
+    assert isinstance(data, bytearray) and bytes(data) == bytes(weights_to_bytes(model, torch.float32))
+    assert isinstance(out.write(model), bytearray)  # not tried again
+    out.close()
