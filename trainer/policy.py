@@ -9,7 +9,7 @@ import structlog
 import torch
 from torch import Tensor
 
-from workers.shm import SHM_DIR, SharedWeights, SharedWeightsHandle, no_room
+from workers.shm import SAFETENSORS_DTYPES, SHM_DIR, SharedWeights, SharedWeightsHandle, no_room
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +94,7 @@ def token_logprobs(
     return logprobs, entropy
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAFETENSORS_DTYPES = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}
 
 
 def _safetensors_header(model: torch.nn.Module, dtype: torch.dtype) -> tuple[bytes, dict, int]:

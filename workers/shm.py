@@ -25,6 +25,8 @@ PREFIX = "rlt-"
 # Set by the launcher to its PID in the training process's environment (the ranks
 # inherit it): every file of the run starts with rlt-<that pid>-.
 OWNER_ENV = "RLT_SHM_OWNER"
+# The image's tensor dtypes: safetensors' codes and torch's names.
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)

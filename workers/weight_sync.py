@@ -36,12 +36,10 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.platforms import current_platform
 
-from workers.shm import map_shared
+from workers.shm import SAFETENSORS_DTYPES, map_shared
 
 WORKER_EXTENSION = f"{__name__}.WeightSyncExtension"
 SHM_BACKEND = "rlt_shm"
-
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _repack_tied_lm_head(model: torch.nn.Module) -> None:
@@ -64,7 +62,7 @@ def safetensors_views(buffer) -> list[tuple[str, torch.Tensor]]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         count = (end - begin) // dtype.itemsize
         flat = torch.frombuffer(buffer, dtype=dtype, offset=start + begin, count=count) if count else torch.empty(0, dtype=dtype)
