@@ -74,10 +74,7 @@ class SharedWeights:
 
     def close(self) -> None:
         self.unlink()
-        try:
-            self.buffer.close()
-        except BufferError:  # a view is still alive somewhere: the GC unmaps it later
-            pass
+        unmap(self.buffer)
 
 
 def no_room(error: OSError) -> bool:
@@ -95,6 +92,15 @@ def sweep(owner: int, directory: pathlib.Path = SHM_DIR) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def unmap(mapping: mmap.mmap) -> None:
+    """Close a mapping; with a tensor view of it still alive somewhere, leave it to the
+    garbage collector to unmap later."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
 
 
 def map_shared(path: str, size: int) -> mmap.mmap:

@@ -36,7 +36,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.platforms import current_platform
 
-from workers.shm import SAFETENSORS_DTYPES, map_shared
+from workers.shm import SAFETENSORS_DTYPES, map_shared, unmap
 
 WORKER_EXTENSION = f"{__name__}.WeightSyncExtension"
 SHM_BACKEND = "rlt_shm"
@@ -127,10 +127,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo
     def shutdown(self) -> None:
         self._tensors = []  # the views first: a mapping with live views cannot close
         if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:
-                pass
+            unmap(self._mapping)
             self._mapping = None
 
 
