@@ -148,6 +148,12 @@ SCENARIOS = {
     "kill_all_slots_held": (
         ["gen.max_tokens=32", "algo.max_staleness=0"], is_event("phase", phase="train"), 0.0, signal.SIGKILL
     ),
+    # During an evaluation (before the first step): the main thread waits for eval
+    # results, not for a batch.
+    "kill_in_eval": (
+        ["gen.max_tokens=8", "eval.before_train=true", "eval.every=10", "eval.prompts=16", "eval.max_tokens=400"],
+        is_event("phase", phase="eval"), 0.3, signal.SIGKILL,
+    ),
     # Alive but stuck: the progress watchdog's case.
     "stop_mid_generation": (
         ["gen.max_tokens=400", f"engine.hang_timeout_s={HANG_TIMEOUT_S}"],
@@ -177,7 +183,7 @@ def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float
     run = Run(workdir, model_path, *overrides)
     started = run.wait_for(is_event("worker_started"))
     engine_pids = started["engine_pids"]
-    if not trigger(started):
+    if not any(trigger(e) for e in run.events):  # the main thread may have logged it first
         run.wait_for(trigger)
     time.sleep(delay)
     signalled_wall, signalled = time.time(), time.monotonic()

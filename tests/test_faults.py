@@ -25,6 +25,8 @@ def test_sigkill_engine_core_exits_1_with_run_failed(tmp_path, tiny_model_path, 
     assert r.detect_s is not None and r.detect_s < r.exit_s
     assert r.leftover_pids == []
     assert r.shm_left == []
+    if scenario == "kill_in_eval":  # the main thread was waiting for eval results, not a batch
+        assert not any(e["event"] == "train_step" for e in r.events)
 
 
 def test_sigstop_engine_core_is_a_hang(tmp_path, tiny_model_path):

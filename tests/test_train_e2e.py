@@ -80,8 +80,12 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
-def test_two_engines_both_generate_and_get_every_version(tmp_path, tiny_model_path):
-    cfg = tiny_config(tmp_path, tiny_model_path, "run.steps=2", "engine.count=2", "algo.max_staleness=1")
+def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tiny_model_path):
+    cfg = tiny_config(
+        tmp_path, tiny_model_path, "run.steps=2", "engine.count=2", "algo.max_staleness=1",
+        "eval.every=1", "eval.before_train=true", "eval.prompts=6", "eval.samples=3", "eval.pass_threshold=0.2",
+        "log.trackers=[tensorboard]",
+    )
     trainer = Trainer(cfg, task=LetterTask())
     history, pids = fit_recording_engine_pids(trainer)
 
@@ -92,9 +96,30 @@ def test_two_engines_both_generate_and_get_every_version(tmp_path, tiny_model_pa
         assert w.stats["groups"] > 0, w.stats
         assert w.stats["weight_loads"] == 2
         assert w.weight_version == 2
+        assert w.stats["eval_prompts"] == 3 * 3  # each engine half of the 6 prompts, 3 evaluations
     for h in history:
         assert h[M.STALENESS_MAX] <= 1
-    assert trainer.final_counters.free == trainer.final_counters.permits
+    # Evaluated before training and after each step, on the weights of that step.
+    assert [(e[M.STEP], e[M.POLICY_VERSION]) for e in trainer.evals] == [(0, 0), (1, 1), (2, 2)]
+    for e in trainer.evals:
+        assert e[M.EVAL_PROMPTS] == 6 and e[M.EVAL_K] == 3
+        assert 0 <= e[M.EVAL_PASS_AT_1] <= e[M.EVAL_PASS_AT_K] <= 1
+        assert 0 <= e[M.EVAL_REWARD_MEAN] <= 1 and 0 < e[M.EVAL_COMPLETION_LEN] <= 12
+        assert e[M.PERF_EVAL_S] > 0
+    # Evaluations take no permit: the counters balance with the training groups alone.
+    c = trainer.final_counters
+    assert c.free == c.permits and c.consumed == c.retired == 2 * 2
+    # Both kinds of record reached the tracker, read back with TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars(M.REWARD_MEAN)] == [
+        (h[M.STEP], round(h[M.REWARD_MEAN], 5)) for h in history
+    ]
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars(M.EVAL_PASS_AT_1)] == [
+        (e[M.STEP], round(e[M.EVAL_PASS_AT_1], 5)) for e in trainer.evals
+    ]
     assert run_threads() == []
     assert len(set(pids)) >= 2
     assert alive(pids) == []

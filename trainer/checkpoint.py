@@ -21,6 +21,9 @@ on rank 0 and sends each rank its shard. A checkpoint saved with N ranks resumes
     path = save_checkpoint(run_dir, step=12, model=m, optimizer=o, trainer_state=s, config=c, keep=2)
     path = latest_valid_checkpoint(run_dir)       # None if there is none; logs each bad one
     state = load_checkpoint(path, model, optimizer)
+
+run.keep_best: RUN_DIR/checkpoints/best.json names the checkpoint of the best evaluation
+({"step", "metric", "value", "path"}); pruning keeps it beside the newest K.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ RNG = "rng.pt"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.json"
 FILES = (MODEL, OPTIMIZER, RNG, TRAINER_STATE, CONFIG)
+BEST = "best.json"  # in the checkpoints directory: the best checkpoint (run.keep_best)
 _NAME = re.compile(r"step-(\d+)")
 
 
@@ -201,11 +205,37 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def read_best(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The best checkpoint's record (best.json), or None if there is none or it is
+    unreadable (a checkpoint is not lost for it: the newest K are kept as ever)."""
+    try:
+        best = json.loads((checkpoint_root(output_dir) / BEST).read_text())
+        int(best["step"]), float(best["value"])
+        return best
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_best(output_dir: str | os.PathLike, step: int, metric: str, value: float, keep: int) -> dict[str, Any]:
+    """Record the checkpoint of `step` (saved already) as the best, atomically, then prune
+    (the previous best is no longer kept unless it is among the newest `keep`)."""
+    root = checkpoint_root(output_dir)
+    best = {"step": step, "metric": metric, "value": value, "path": str(root / checkpoint_name(step))}
+    tmp = root / f".tmp-{BEST}"
+    _write_bytes(tmp, _json_bytes(best))
+    os.replace(tmp, root / BEST)
+    _fsync_dir(root)
+    prune_checkpoints(output_dir, keep)
+    return best
+
+
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[pathlib.Path]:
-    """Delete all but the newest `keep` checkpoints (by step). Returns what was removed."""
+    """Delete all but the newest `keep` checkpoints (by step) and the best one (best.json,
+    run.keep_best). Returns what was removed."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    old = [p for _, p in list_checkpoints(output_dir)[:-keep]]
+    best = read_best(output_dir)
+    old = [p for step, p in list_checkpoints(output_dir)[:-keep] if best is None or step != int(best["step"])]
     for p in old:
         # Renamed out of the checkpoint namespace first, so a crash mid-delete never
         # leaves a half-deleted directory that looks like a checkpoint.

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Literal, Mapping
 import yaml
 
 from trainer.errors import ConfigError
+from trainer.metrics import KEEP_BEST_METRICS
 
 
 @dataclasses.dataclass
@@ -49,8 +50,12 @@ class RunConfig:
     """"auto": continue from the latest valid checkpoint in output_dir if there is one;
     "never": start from step 0; any other value: the checkpoint directory to resume from"""
     batch_timeout_s: float = 600.0
-    """longest wait for one batch of groups; worker health is checked all along, so this
-    only fires when every engine is alive, making progress, and still too slow"""
+    """longest wait for one batch of groups (and for one evaluation); worker health is
+    checked all along, so this only fires when every engine is alive, making progress,
+    and still too slow"""
+    keep_best: str | None = None
+    """an eval metric (e.g. "eval/pass@1"): the checkpoint of the best evaluation so far
+    (highest value) is kept beside the last keep_checkpoints; needs eval.every > 0"""
 
 
 @dataclasses.dataclass
@@ -166,6 +171,32 @@ class TaskConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    every: int = 0
+    """evaluate the policy every this many steps, and after the last one; 0: never"""
+    before_train: bool = False
+    """evaluate the initial (or resumed) policy before the first step too"""
+    task: TaskConfig | None = None
+    """the held-out task, a mapping like the task section (e.g. {name: jsonl, path:
+    heldout.jsonl}); null: the training task, with prompts drawn from eval.seed (for
+    arithmetic: other problems than training's)"""
+    seed: int = 1_000_003
+    """seeds the eval task's prompts and every eval request: each evaluation sees the
+    same prompts and the same sampling noise, so successive evaluations compare"""
+    prompts: int = 64
+    """prompts per evaluation: the eval task's first this many"""
+    samples: int = 4
+    """completions per prompt (k of pass@k and mean@k)"""
+    temperature: float = 1.0
+    """sampling temperature of the eval completions"""
+    max_tokens: int | None = None
+    """most tokens per eval completion; null: gen.max_tokens"""
+    pass_threshold: float = 1.0
+    """a completion passes when its reward is at least this (1.0: the built-in tasks'
+    reward for a right answer)"""
+
+
+@dataclasses.dataclass
 class TrainerDeviceConfig:
     device: str = "auto"
     """torch device of the policy: "auto" (cuda:0 if there is a GPU, else cpu), "cpu",
@@ -221,6 +252,15 @@ class LogConfig:
     """"auto": console on a terminal, JSON lines otherwise"""
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """lowest level logged"""
+    trackers: list[Literal["tensorboard", "wandb", "trackio"]] = dataclasses.field(default_factory=list)
+    """experiment trackers that get every metrics record (trainer/tracking.py), e.g.
+    [tensorboard, wandb]: TensorBoard event files in output_dir/tensorboard; Weights &
+    Biases (offline, in output_dir/wandb, unless an API key is set); trackio (its local
+    store). Each needs its package: pip install -e ".[track]" """
+    project: str = "rl-trainer"
+    """the wandb and trackio project"""
+    run_name: str | None = None
+    """the run's name in wandb and trackio; null: the name of run.output_dir"""
 
 
 @dataclasses.dataclass
@@ -231,6 +271,7 @@ class TrainerConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     gen: GenConfig = dataclasses.field(default_factory=GenConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     trainer: TrainerDeviceConfig = dataclasses.field(default_factory=TrainerDeviceConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -384,6 +425,9 @@ class TrainerConfig:
             ("reward.workers", self.reward.workers >= 1, "must be >= 1"),
             ("algo.max_nonfinite_steps", algo.max_nonfinite_steps >= 1, "must be >= 1"),
             ("algo.kl_coef", algo.kl_coef >= 0, "must be >= 0"),
+            ("log.trackers", len(set(self.log.trackers)) == len(self.log.trackers), "must not name a tracker twice"),
+            ("log.project", self.log.project.strip() != "", "must not be empty"),
+            ("log.run_name", self.log.run_name is None or self.log.run_name.strip() != "", "must be null or not empty"),
         ]
         names = []
         for i, f in enumerate(self.reward.functions):
@@ -400,11 +444,30 @@ class TrainerConfig:
                     f"must be unique among reward.functions (two are called {names[-1]!r}; set name)",
                 ),
             ]
+        ev = self.eval
         rules += [
+            ("eval.every", ev.every >= 0, "must be >= 0 (0: never)"),
+            ("eval.prompts", ev.prompts >= 1, "must be >= 1"),
+            ("eval.samples", ev.samples >= 1, "must be >= 1"),
+            ("eval.temperature", ev.temperature > 0, "must be > 0"),
+            ("eval.max_tokens", ev.max_tokens is None or 1 <= ev.max_tokens < engine.max_model_len,
+             f"must be null or 1 <= max_tokens < engine.max_model_len ({engine.max_model_len})"),
+            ("run.keep_best", run.keep_best is None or run.keep_best in KEEP_BEST_METRICS,
+             f"must be null or one of {', '.join(KEEP_BEST_METRICS)}"),
+            ("eval.every", run.keep_best is None or ev.every > 0, "must be > 0 when run.keep_best is set"),
         ]
+        if ev.task is not None:
+            t = ev.task
+            rules += [
+                ("eval.task.path", t.name not in ("jsonl", "math") or bool(t.path),
+                 "is required when eval.task.name is jsonl or math"),
+                ("eval.task.factory",
+                 t.name != "python" or re.fullmatch(r"[\w.]+:[\w.]+", t.factory or "") is not None,
+                 'is required when eval.task.name is python, as "module:callable"'),
+            ]
         for key, ok, rule in rules:
             if not ok:
-                value = self._get(key) if "[" not in key else self._get_item(key)
+                value = self._get_item(key) if "[" in key else self._get(key) if key.count(".") == 1 else self._get_nested(key)
                 raise ConfigError(f"{key}: {rule}, got {value!r}", key=key)
 
     # ---- helpers ----------------------------------------------------------------------
@@ -446,6 +509,11 @@ class TrainerConfig:
         """The value of `section.key[i].field`."""
         m = re.fullmatch(r"(\w+\.\w+)\[(\d+)\]\.(\w+)", dotted)
         return getattr(self._get(m[1])[int(m[2])], m[3])
+
+    def _get_nested(self, dotted: str) -> Any:
+        """The value of `section.key.field` (a dataclass-valued key, e.g. eval.task.path)."""
+        section, key, field = dotted.split(".")
+        return getattr(self._get(f"{section}.{key}"), field)
 
     def _get(self, dotted: str) -> Any:
         section_name, _, key = dotted.partition(".")
@@ -497,6 +565,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(tp):
             return None
         (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
+            return _coerce(value, inner, key)  # its own errors name the field
         try:
             return _coerce(value, inner, key)
         except ConfigError:

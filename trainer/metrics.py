@@ -1,8 +1,8 @@
 """Metric names (their one home) and the per-step metrics record.
 
 Names are grouped by prefix, CleanRL style: `reward/`, `loss/`, `completion/`,
-`capacity/`, `staleness/`, `perf/`. The step log event, `metrics.jsonl` and the plots
-all use these constants.
+`capacity/`, `staleness/`, `perf/`, `eval/`. The step log event, the eval event,
+`metrics.jsonl`, the trackers and the plots all use these constants.
 """
 
 from __future__ import annotations
@@ -46,6 +46,27 @@ REWARD_FILTERED_GROUPS = "reward/filtered_groups"  # groups with no reward sprea
 REWARD_GROUPS_SKIPPED = "reward/groups_skipped"  # groups given up (reward.on_error=skip)
 REWARD_TIMEOUTS = "reward/timeouts"  # reward calls past reward.timeout_s
 REWARD_ABANDONED_THREADS = "reward/abandoned_threads"  # stuck reward threads left behind
+
+# An evaluation (trainer/eval.py): its own record in metrics.jsonl and its own `eval`
+# event, at `step` = the optimizer steps done when it ran (0: before training).
+EVAL_REWARD_MEAN = "eval/reward_mean"  # mean reward over every eval completion
+EVAL_PASS_AT_1 = "eval/pass@1"  # unbiased pass@1 (Chen et al. 2021) from eval.samples samples
+EVAL_PASS_AT_K = "eval/pass@k"  # unbiased pass@k, k = eval.samples: P(some sample passes)
+EVAL_MEAN_AT_K = "eval/mean@k"  # mean over prompts of the k samples' mean pass rate... see trainer/eval.py
+EVAL_COMPLETION_LEN = "eval/completion_len"  # mean tokens per eval completion
+EVAL_K = "eval/k"  # the k of pass@k and mean@k (eval.samples)
+EVAL_PROMPTS = "eval/prompts"  # prompts evaluated
+PERF_EVAL_S = "perf/eval_s"  # wall time of the evaluation (the trainer waits for it)
+EVAL_RECORD_KEYS = (
+    STEP, POLICY_VERSION, EVAL_REWARD_MEAN, EVAL_PASS_AT_1, EVAL_PASS_AT_K, EVAL_MEAN_AT_K,
+    EVAL_COMPLETION_LEN, EVAL_K, EVAL_PROMPTS, PERF_EVAL_S,
+)
+# What run.keep_best may name: higher is better.
+KEEP_BEST_METRICS = (EVAL_PASS_AT_1, EVAL_PASS_AT_K, EVAL_MEAN_AT_K, EVAL_REWARD_MEAN)
+
+
+def is_eval_record(record: dict[str, Any]) -> bool:
+    return EVAL_PASS_AT_1 in record
 
 
 # null when the step trained no token (every group without reward spread, say).

@@ -5,7 +5,7 @@
 
 The trainer calls it at the end of a run; `scripts/plot_metrics.py RUN_DIR` does the same
 for any run directory, finished or not. Four panels: reward, loss, staleness and
-throughput. matplotlib's object API with the Agg canvas: no pyplot state, no display
+throughput; a fifth, held-out evaluation, when the run evaluated (eval.every). matplotlib's object API with the Agg canvas: no pyplot state, no display
 needed, safe beside a notebook's own backend.
 """
 
@@ -55,12 +55,20 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, list[tuple[str, str]]]]
         [(M.PERF_STEP_S, "step s"), (M.PERF_WEIGHT_SYNC_S, "weight sync s")],
     ),
 ]
+# The evaluation panel, drawn from the eval records (x: steps done when it ran).
+EVAL_PANEL = (
+    "Held-out evaluation",
+    "fraction",
+    [(M.EVAL_PASS_AT_1, "pass@1"), (M.EVAL_PASS_AT_K, "pass@k"), (M.EVAL_REWARD_MEAN, "reward mean")],
+    "",
+    [],
+)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The step records of a metrics.jsonl, in step order, the last record of a step
-    winning (a resumed run may have written a step twice). Unparsable lines (a run
-    killed mid-write) are skipped."""
+def read_metrics(path: str | os.PathLike, evals: bool = False) -> list[dict[str, Any]]:
+    """The step records of a metrics.jsonl (with evals=True: its eval records), in step
+    order, the last record of a step winning (a resumed run may have written a step
+    twice). Unparsable lines (a run killed mid-write) are skipped."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in pathlib.Path(path).read_text().splitlines():
         try:
@@ -68,7 +76,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             step = int(record[M.STEP])
         except (ValueError, KeyError, TypeError):
             continue
-        by_step[step] = record
+        if M.is_eval_record(record) == evals:
+            by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -83,37 +92,41 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     records = read_metrics(run_dir / METRICS_FILE)
     if not records:
         raise ValueError(f"{run_dir / METRICS_FILE}: no step records to plot")
+    evals = read_metrics(run_dir / METRICS_FILE, evals=True)
     out = pathlib.Path(out) if out is not None else run_dir / PLOT_FILE
-    steps = [r[M.STEP] for r in records]
 
-    def series(name: str) -> list[float]:
+    def series(name: str, rows: list[dict[str, Any]]) -> list[float]:
         values = []
-        for r in records:
+        for r in rows:
             v = r.get(name)
             values.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
         return values
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True)
-    marker = "o" if len(steps) <= 30 else None
-    for ax, (title, ylabel, left, right_label, right) in zip(axes.flat, PANELS):
+    panels = [(p, records) for p in PANELS] + ([(EVAL_PANEL, evals)] if evals else [])
+    axes = fig.subplots(len(panels) // 2 + len(panels) % 2, 2, sharex=True, squeeze=False)
+    if len(panels) % 2:
+        axes[-1, -1].set_visible(False)
+    for ax, ((title, ylabel, left, right_label, right), rows) in zip(axes.flat, panels):
+        steps = [r[M.STEP] for r in rows]
+        marker = "o" if len(steps) <= 30 else None
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        handles = [ax.plot(steps, series(name), marker=marker, label=label)[0] for name, label in left]
+        handles = [ax.plot(steps, series(name, rows), marker=marker, label=label)[0] for name, label in left]
         if right:
             twin = ax.twinx()
             twin.set_ylabel(right_label)
             colors = ["tab:red", "tab:purple", "tab:brown"]
             handles += [
-                twin.plot(steps, series(name), marker=marker, linestyle="--", color=c, label=label)[0]
+                twin.plot(steps, series(name, rows), marker=marker, linestyle="--", color=c, label=label)[0]
                 for (name, label), c in zip(right, colors)
             ]
         ax.legend(handles=handles, loc="best", fontsize="small")
-    for ax in axes[-1]:
+    for ax in axes.flat:
         ax.set_xlabel("step")
-    fig.suptitle(f"{run_dir.name}: {len(records)} steps")
+    fig.suptitle(f"{run_dir.name}: {len(records)} steps" + (f", {len(evals)} evaluations" if evals else ""))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -13,6 +13,10 @@ With trainer.ranks=N (trainer/ranks.py) this process is one of N: rank 0 runs th
 above and gives each rank its share of the batch; ranks 1..N-1 run `_follow()`, doing
 what rank 0 says. Each holds an FSDP2 shard of the policy and optimizer state.
 
+Evaluation (trainer/eval.py) every eval.every steps and after the last (and before the
+first with eval.before_train), on the same engines; the trainer waits for it, so it
+scores exactly the policy of that step. With run.keep_best its best checkpoint is kept.
+
 Checkpoints (trainer/checkpoint.py) every run.checkpoint_every steps and at the end;
 `fit()` resumes from the latest valid one (run.resume). Stopping: SIGINT/SIGTERM (while
 `fit()` runs in the main thread) or `request_stop()`: the first finishes the current
@@ -44,6 +48,7 @@ from trainer import checkpoint as ckpt
 from trainer import metrics as M
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
+from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import load_policy, resolve_model_path
 from trainer.policy import EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
@@ -52,6 +57,7 @@ from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
 from trainer.ranks import Ranks, grad_norm_value, split_by_tokens, world_from_env
 from trainer.rewards import reward_spec
 from trainer.tasks import build_task
+from trainer.tracking import Trackers, check_trackers
 from workers.rewards import RewardPool
 from workers.supervisor import Supervisor
 from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
@@ -85,7 +91,11 @@ class Trainer:
         self.rewards: RewardPool | None = None
         self.engine_weights: EngineWeights | None = None  # rank 0, once the engines are up
         self.queue: RolloutQueue | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # the step records of this fit()
+        self.evals: list[dict[str, Any]] = []  # the eval records of this fit()
+        self.evaluator: Evaluator | None = None  # rank 0, when eval.every or eval.before_train
+        self.best: dict[str, Any] | None = None  # the best checkpoint's record (run.keep_best)
+        self.trackers: Trackers | None = None  # rank 0: log.trackers (trainer/tracking.py)
         self._bar: StepBar | None = None  # a progress bar on a terminal (trainer/progress.py)
         self.step = 0  # optimizer steps done, counting those before a resume
         self.resumed_from: pathlib.Path | None = None  # the checkpoint this fit() resumed from
@@ -100,6 +110,8 @@ class Trainer:
         cfg = self.cfg
         self.supervisor = None
         self.rewards = None
+        self.evaluator = None
+        self.trackers = None
         self._nonfinite_in_a_row = 0
         main = self.rank == 0
         if self.world != cfg.trainer.ranks:
@@ -107,8 +119,11 @@ class Trainer:
                 f"this process is one of {self.world} ranks (WORLD_SIZE) but trainer.ranks={cfg.trainer.ranks}",
                 key="trainer.ranks",
             )
-        # First, so that a bad run.resume fails before anything heavy starts.
+        # First, so that a bad run.resume or a missing tracker package fails before
+        # anything heavy starts.
         self.resumed_from = self._checkpoint_to_resume() if main else None
+        if main:
+            check_trackers(cfg.log)
         torch.manual_seed(cfg.run.seed)
         self.model_path = resolve_model_path(cfg.model.path)
         if self.task is None and main:
@@ -137,10 +152,18 @@ class Trainer:
             self.task, self.tokenizer, start=self.trained.low_water, skip=self.trained.above,
             max_prompt_tokens=max_prompt_tokens, overlong=cfg.task.overlong,
         )
+        self.best = ckpt.read_best(self.output_dir) if cfg.run.keep_best else None
+        if self.best is not None and self.best["metric"] != cfg.run.keep_best:
+            self.best = None  # another metric now: the next evaluation sets the bar
         self._complete = self.start_step >= cfg.run.steps
         if self._complete:
             log.info("run_already_complete", steps=self.start_step, checkpoint=str(self.resumed_from))
             return
+        # Started in the background: a tracker's init (wandb's service) never delays the run.
+        self.trackers = Trackers.start(
+            cfg, run_dir=self.output_dir, run_id=self.run_id, start_step=self.start_step,
+            resumed=self.resumed_from is not None,
+        )
         engine_devices = self._engine_devices()
         sampling = SamplingSpec(
             group_size=cfg.algo.group_size,
@@ -151,20 +174,9 @@ class Trainer:
         )
         # Rewards run off the engines' threads, each call timed (workers/rewards.py).
         self.rewards = RewardPool(reward_spec(cfg.reward, self.task)).start()
+        if cfg.eval.every or cfg.eval.before_train:  # its task and prompts fail here, not at step N
+            self.evaluator = Evaluator(cfg, self.tokenizer, self.task if cfg.eval.task is None else None)
 
-        Engine = engine_class()
-
-        def build_engine(i: int) -> Engine:
-            return Engine(
-                str(self.model_path),
-                index=i,
-                kvcache_gib=cfg.engine.kvcache_gib,
-                max_model_len=cfg.engine.max_model_len,
-                max_num_seqs=cfg.engine.max_num_seqs,
-                seed=cfg.run.seed + i,
-                dtype=cfg.engine.dtype,
-                device_id=engine_devices[i] if engine_devices else None,
-            )
 
         count = len(engine_devices) if engine_devices else cfg.engine.count
         # Twice what fits in an engine's batch, so that vLLM refills the seat of a finished
@@ -179,7 +191,7 @@ class Trainer:
         def make_worker(i: int, on_error, start_gate) -> GenerationWorker:
             return GenerationWorker(
                 i,
-                build_engine=lambda: build_engine(i),
+                build_engine=lambda: build_engine(cfg, self.model_path, i, engine_devices[i] if engine_devices else None),
                 queue=self.queue,
                 prompts=self.prompts,
                 sampling=sampling,
@@ -270,13 +282,15 @@ class Trainer:
     @staticmethod
     def _trim_metrics(path: pathlib.Path, start_step: int) -> None:
         """Drop the records of steps >= start_step (a killed run's steps after its last
-        checkpoint, which the resumed run trains again); atomic rewrite."""
+        checkpoint, which the resumed run trains again) and of evaluations after it;
+        atomic rewrite."""
         if not path.is_file():
             return
         kept, dropped = [], 0
         for line in path.read_text().splitlines():
             try:
-                keep = json.loads(line)[M.STEP] < start_step
+                record = json.loads(line)
+                keep = record[M.STEP] <= start_step if M.is_eval_record(record) else record[M.STEP] < start_step
             except (ValueError, KeyError, TypeError):
                 keep = False
             if keep:
@@ -308,6 +322,8 @@ class Trainer:
             return self.history
         metrics_file = M.MetricsFile(self.output_dir / "metrics.jsonl")
         self._bar = StepBar(cfg.run.steps, self.start_step)
+        if self.evaluator is not None and cfg.eval.before_train:
+            self._evaluate(metrics_file)
         tokens_before = self._generated_tokens()
         for step in range(self.start_step, cfg.run.steps):
             structlog.contextvars.bind_contextvars(step=step)
@@ -351,8 +367,12 @@ class Trainer:
             record = M.json_safe(record)  # a skipped non-finite step logs null, not NaN
             self.history.append(record)
             metrics_file.write(record)
+            self.trackers.log(record, step=step)
             log.info("train_step", **{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
             self._bar.update(record)
+            if self.evaluator is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.run.steps):
+                self._evaluate(metrics_file)
+                tokens_before = self._generated_tokens()  # the next step's rate counts from here
             if self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.run.steps:
                 self._save_checkpoint()
             if self._stop_count and self.step < cfg.run.steps:
@@ -364,6 +384,25 @@ class Trainer:
         self._save_final_model()
         self._plot_metrics()
         return self.history
+
+    def _evaluate(self, metrics_file: M.MetricsFile) -> dict[str, Any]:
+        """Evaluate the current policy (trainer/eval.py) and record it: the `eval` event,
+        an eval record in metrics.jsonl at `step` = steps done, and run.keep_best."""
+        log.debug("phase", phase="eval")
+        metrics = self.evaluator.run(self.supervisor, self.cfg.run.batch_timeout_s, self._check_waiting)
+        record = M.json_safe({M.STEP: self.step, M.POLICY_VERSION: self.queue.version, **metrics})
+        self.evals.append(record)
+        metrics_file.write(record)
+        self.trackers.log(record, step=self.step)
+        log.info("eval", **{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+        metric = self.cfg.run.keep_best
+        value = record.get(metric) if metric else None
+        # Step 0 is the base model, which is not a checkpoint; it sets no bar either.
+        if value is not None and self.step > 0 and (self.best is None or value > self.best["value"]):
+            path = self._save_checkpoint()
+            self.best = ckpt.mark_best(self.output_dir, self.step, metric, value, self.cfg.run.keep_checkpoints)
+            log.info("best_checkpoint", path=str(path), checkpoint_step=self.step, metric=metric, value=round(value, 4))
+        return record
 
     def _counter_metrics(self) -> dict[str, int]:
         """Run totals of what was skipped or went wrong off the main thread."""
@@ -676,6 +715,10 @@ class Trainer:
             self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s, fast=failing)
         if self.rewards is not None:
             self.rewards.shutdown()  # kills reward processes; a stuck reward thread is a daemon
+        if self.evaluator is not None:
+            self.evaluator.shutdown()
+        if self.trackers is not None:
+            self.trackers.close(timeout_s=10.0 if not failing else 2.0)  # a failing run ends fast
         if self.engine_weights is not None:
             self.engine_weights.close()
         if self.queue is not None:
@@ -685,7 +728,7 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Set up (resuming per run.resume), train up to run.steps, clean up. Re-raises any
         worker error; raises RunInterrupted after a stop request (see request_stop)."""
-        self.history = []
+        self.history, self.evals = [], []
         self._stop_count, self._stop_signal, self._in_cleanup = 0, None, False
         interrupted, failing = None, False
         context = {"run_id": self.run_id, **({"rank": self.rank} if self.world > 1 else {})}
@@ -735,6 +778,20 @@ def engine_class() -> type:
     from workers.engine import Engine
 
     return Engine
+
+
+def build_engine(cfg: TrainerConfig, model_path: str | os.PathLike, index: int, device_id: int | None = None) -> Any:
+    """Engine `index` of a run, as the engine section says (called in its worker thread)."""
+    return engine_class()(
+        str(model_path),
+        index=index,
+        kvcache_gib=cfg.engine.kvcache_gib,
+        max_model_len=cfg.engine.max_model_len,
+        max_num_seqs=cfg.engine.max_num_seqs,
+        seed=cfg.run.seed + index,
+        dtype=cfg.engine.dtype,
+        device_id=device_id,
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import structlog
 
 from capacity import RolloutQueue
-from workers.worker import GenerationWorker
+from workers.worker import EvalJob, EvalResult, GenerationWorker, PromptItem, SamplingSpec
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +41,10 @@ class EngineStartTimeout(RuntimeError):
 
 class WeightSyncTimeout(RuntimeError):
     """A worker did not acknowledge new weights in time."""
+
+
+class EvalTimeout(RuntimeError):
+    """An evaluation did not finish within its timeout while every engine was healthy."""
 
 
 class SupervisorBroken(RuntimeError):
@@ -92,6 +96,7 @@ class Supervisor:
             make_worker(i, self._record_error, self.start_gate) for i in range(count)
         ]
         self._watchdog: threading.Thread | None = None
+        self._evals = 0  # evaluations started: their request ids' tag
 
     # ---- start ----------------------------------------------------------------------
 
@@ -181,6 +186,51 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     raise WeightSyncTimeout(f"{w.name} did not load weights v{version} within {timeout:.0f}s")
         return time.monotonic() - t0
+
+    # ---- evaluation -----------------------------------------------------------------
+
+    def evaluate(
+        self,
+        prompts: list[PromptItem],
+        sampling: SamplingSpec,
+        scorer: Any,
+        timeout: float,
+        health_check: Callable[[], None] | None = None,
+    ) -> tuple[dict[int, EvalResult], list[int]]:
+        """Sample and score `prompts` on the engines (split evenly, beside the training
+        groups; no permit is taken) and wait for all of them, raising the first worker
+        error or whatever `health_check()` raises meanwhile. Returns (prompt index ->
+        result, prompt indices skipped because their rewards failed)."""
+        if self._closed:
+            raise SupervisorBroken("evaluate after shutdown")
+        self.check()
+        self._evals += 1
+        jobs = [
+            (w, w.evaluate(EvalJob(prompts[i :: len(self.workers)], sampling, scorer, tag=f"eval{self._evals}")))
+            for i, w in enumerate(self.workers)
+        ]
+        deadline = time.monotonic() + timeout
+        results: dict[int, EvalResult] = {}
+        skipped: list[int] = []
+        for w, job in jobs:
+            while not job.done.wait(0.05):
+                self.check()
+                if health_check is not None:
+                    health_check()
+                if not w.is_alive():
+                    self.check()
+                    raise SupervisorBroken(f"{w.name} stopped during an evaluation")
+                if time.monotonic() > deadline:
+                    raise EvalTimeout(
+                        f"{w.name}: evaluation of {len(job.prompts)} prompts not done after {timeout:.0f}s "
+                        f"({len(job.results)} scored; run.batch_timeout_s)"
+                    )
+            self.check()
+            if job.error is not None:
+                raise job.error
+            results.update(job.results)
+            skipped += job.skipped
+        return results, skipped
 
     # ---- watchdog -------------------------------------------------------------------
 

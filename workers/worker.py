@@ -6,6 +6,11 @@ request of `group_size` samples per slot -> `engine.step()` -> hand finished gro
 the reward pool (workers/rewards.py) and step on. A group's slot stays held while it is
 scored; it is put once the rewards are in, or released if they cannot be had.
 
+Evaluation (`evaluate()`) goes through the inbox too: its requests share the engine's
+batch with the training groups, hold no slot (no training permit, no effect on the
+staleness bound), and are scored by their own reward pool; the job is done once every
+prompt is scored. A worker built with `prompts=None` only evaluates (scripts/evaluate.py).
+
 The engine is touched only from this thread (vLLM's engine is not thread-safe); other
 threads talk to the worker through its inbox. Any exception ends the thread and is
 handed to `on_error` (the supervisor), which re-raises it in the main thread; the
@@ -79,6 +84,48 @@ class _LoadWeights:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+class EvalJob:
+    """One worker's share of an evaluation: its prompts, sampled and scored.
+
+    Filled by the worker thread; the caller waits on `done` (with health checks: a worker
+    that dies sets `error` and `done`). `results`: prompt index -> EvalResult."""
+
+    def __init__(self, prompts: list[PromptItem], sampling: SamplingSpec, scorer: RewardPool, tag: str):
+        self.prompts = prompts
+        self.sampling = sampling
+        self.scorer = scorer
+        self.tag = tag  # request ids are f"{tag}-{prompt index}": unique beside training's
+        self.results: dict[int, EvalResult] = {}
+        self.skipped: list[int] = []  # prompts whose rewards failed (reward.on_error=skip)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def _finish_one(self) -> None:
+        if len(self.results) + len(self.skipped) == len(self.prompts):
+            self.done.set()
+
+
+@dataclasses.dataclass
+class EvalResult:
+    rewards: list[float]  # [k]
+    lengths: list[int]  # [k]: completion tokens
+    texts: list[str]  # [k]
+
+
+@dataclasses.dataclass
+class _EvalActive:
+    job: EvalJob
+    prompt: PromptItem
+
+
+@dataclasses.dataclass
+class _EvalScoring:
+    job: EvalJob
+    prompt: PromptItem
+    out: Any  # workers.engine.FinishedRequest
+    score: GroupScore
+
+
 _STOP = object()
 
 
@@ -109,7 +156,7 @@ class GenerationWorker(threading.Thread):
         index: int,
         build_engine: Callable[[], Any],
         queue: RolloutQueue,
-        prompts: PromptSource,
+        prompts: PromptSource | None,
         sampling: SamplingSpec,
         rewards: RewardPool,
         max_groups_in_flight: int,
@@ -135,12 +182,14 @@ class GenerationWorker(threading.Thread):
         self._inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._active: dict[str, _Active] = {}  # request id -> group the engine generates
         self._scoring: list[_Scoring] = []  # groups generated, rewards not in yet
+        self._eval_active: dict[str, _EvalActive] = {}  # request id -> eval prompt generated
+        self._eval_scoring: list[_EvalScoring] = []  # eval prompts generated, rewards not in yet
         self._stopping = False
         self.engine: Any = None  # set once built; read by the watchdog
         self.ready = threading.Event()  # engine built (or the thread failed first)
         self.weight_version = 0
         self.last_progress = time.monotonic()  # last return from step(); for the hang watchdog
-        self.stats = {"groups": 0, "tokens": 0, "skipped": 0, "filtered": 0, "weight_loads": 0}
+        self.stats = {"groups": 0, "tokens": 0, "skipped": 0, "filtered": 0, "weight_loads": 0, "eval_prompts": 0}
 
     # ---- called from other threads ------------------------------------------------
 
@@ -150,6 +199,11 @@ class GenerationWorker(threading.Thread):
         self._inbox.put(cmd)
         return cmd.done
 
+    def evaluate(self, job: EvalJob) -> EvalJob:
+        """Queue an evaluation; `job.done` is set once each of its prompts is scored."""
+        self._inbox.put(job)
+        return job
+
     def stop(self, fast: bool = False) -> None:
         """Stop after the current engine step; `fast`: the run is failing, so the engine
         gets the short shutdown of a failed one."""
@@ -157,7 +211,8 @@ class GenerationWorker(threading.Thread):
         self._inbox.put(_STOP)
 
     def in_flight(self) -> int:
-        return len(self._active)
+        """Requests the engine is generating (training groups and eval prompts)."""
+        return len(self._active) + len(self._eval_active)
 
     def take_filtered(self) -> list[int]:
         """Prompt indices of the groups released as filtered since the last call."""
@@ -198,12 +253,16 @@ class GenerationWorker(threading.Thread):
                 if self._stopping:
                     break
                 self._put_scored()
+                self._put_eval_scored()
                 if not self._fill():
                     continue
                 finished = self.engine.step()
                 self.last_progress = time.monotonic()
                 for out in finished:
-                    self._score(out)
+                    if out.request_id in self._eval_active:
+                        self._score_eval(out)
+                    else:
+                        self._score(out)
         except QueueClosed:
             pass  # shutdown, or another thread failed first: nothing to report from here
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, never swallowed
@@ -228,6 +287,9 @@ class GenerationWorker(threading.Thread):
             if cmd is _STOP:
                 self._stopping = True
                 return
+            if isinstance(cmd, EvalJob):
+                self._submit_eval(cmd)
+                continue
             t0 = time.monotonic()
             self.engine.load_weights(cmd.data, cmd.version)
             self.weight_version = cmd.version
@@ -237,9 +299,13 @@ class GenerationWorker(threading.Thread):
 
     def _fill(self) -> bool:
         """Start groups while the engine has room. Returns whether anything is running."""
+        if self._prompts is None:  # an eval-only worker: nothing to acquire
+            if not self._eval_active:
+                time.sleep(self._poll_s)
+            return bool(self._eval_active)
         while len(self._active) < self._max_groups:
             # Block (briefly, so the inbox stays responsive) only when the engine is idle.
-            slot = self._queue.acquire(timeout=0 if self._active else self._poll_s)
+            slot = self._queue.acquire(timeout=0 if self._active or self._eval_active else self._poll_s)
             if slot is None:
                 break
             if not self._active:
@@ -260,7 +326,43 @@ class GenerationWorker(threading.Thread):
                 slot.release(ReleaseReason.FAILED)
                 raise
             self._active[rid] = _Active(slot, prompt, self.weight_version, time.monotonic())
-        return bool(self._active)
+        return bool(self._active or self._eval_active)
+
+    def _submit_eval(self, job: EvalJob) -> None:
+        if not job.prompts:
+            job.done.set()
+        if not self._eval_active and not self._active:
+            self.last_progress = time.monotonic()  # idle until now: not a hang
+        sp = job.sampling
+        for prompt in job.prompts:
+            rid = f"{job.tag}-{prompt.index}"
+            self.engine.submit(
+                rid, prompt.token_ids, n=sp.group_size, max_tokens=sp.max_tokens,
+                temperature=sp.temperature, top_p=sp.top_p, seed=sp.request_seed(prompt.index),
+            )
+            self._eval_active[rid] = _EvalActive(job, prompt)
+
+    def _score_eval(self, out: Any) -> None:
+        active = self._eval_active.pop(out.request_id)
+        texts = [c.text for c in out.completions]
+        score = active.job.scorer.score(texts, active.prompt.data, active.prompt.index)
+        self._eval_scoring.append(_EvalScoring(active.job, active.prompt, out, score))
+
+    def _put_eval_scored(self) -> None:
+        for scoring in [s for s in self._eval_scoring if s.score.done()]:
+            self._eval_scoring.remove(scoring)
+            job, comps = scoring.job, scoring.out.completions
+            scored = _rewards_or_skip(scoring.score, job.scorer, "reward_failed_eval_prompt_skipped")
+            if scored is None:
+                job.skipped.append(scoring.prompt.index)
+                job._finish_one()
+                continue
+            rewards, _ = scored
+            self.stats["eval_prompts"] += 1
+            job.results[scoring.prompt.index] = EvalResult(
+                rewards=list(rewards), lengths=[len(c.token_ids) for c in comps], texts=[c.text for c in comps]
+            )
+            job._finish_one()
 
     def _score(self, out: Any) -> None:
         """Hand a finished group to the reward pool; the engine steps on meanwhile."""
@@ -277,16 +379,12 @@ class GenerationWorker(threading.Thread):
             self._scoring.remove(scoring)
             active, comps = scoring.active, scoring.out.completions
             with active.slot as slot:
-                try:
-                    rewards, terms = scoring.score.result()
-                except RewardFailed as e:
-                    scoring.score.cancel()
-                    if self._rewards.spec.on_error != "skip":
-                        raise
-                    log.warning("reward_failed_group_skipped", error_type=type(e).__name__, error=str(e), **e.log_fields)
+                scored = _rewards_or_skip(scoring.score, self._rewards, "reward_failed_group_skipped")
+                if scored is None:
                     slot.release(ReleaseReason.FAILED)
                     self.stats["skipped"] += 1
                     continue
+                rewards, terms = scored
                 if self._filter_zero_std and len(set(rewards)) == 1:
                     # No spread, no advantage: generate another prompt in its place (DAPO).
                     slot.release(ReleaseReason.FILTERED)
@@ -314,11 +412,18 @@ class GenerationWorker(threading.Thread):
                 slot.put(group)
 
     def _release_all(self, reason: ReleaseReason) -> None:
-        if self._active and self.engine is not None:
+        if (self._active or self._eval_active) and self.engine is not None:
             try:
-                self.engine.abort(list(self._active))
+                self.engine.abort([*self._active, *self._eval_active])
             except Exception:  # noqa: BLE001 - the engine may be dead; the slots matter more
                 pass
+        for job in {id(a.job): a.job for a in [*self._eval_active.values(), *self._eval_scoring]}.values():
+            job.error = job.error or RuntimeError(f"{self.name} stopped before the evaluation finished")
+            job.done.set()
+        for scoring in self._eval_scoring:
+            scoring.score.cancel()
+        self._eval_active.clear()
+        self._eval_scoring.clear()
         for scoring in self._scoring:
             scoring.score.cancel()
         for active in [*self._active.values(), *(s.active for s in self._scoring)]:
@@ -326,3 +431,16 @@ class GenerationWorker(threading.Thread):
                 active.slot.release(reason)
         self._active.clear()
         self._scoring.clear()
+
+
+def _rewards_or_skip(score: GroupScore, pool: RewardPool, event: str) -> tuple[list[float], dict] | None:
+    """A scored group's (rewards, terms); None when they cannot be had and the pool's
+    reward.on_error is "skip" (logged as `event`); otherwise the RewardFailed is raised."""
+    try:
+        return score.result()
+    except RewardFailed as e:
+        score.cancel()
+        if pool.spec.on_error != "skip":
+            raise
+        log.warning(event, error_type=type(e).__name__, error=str(e), **e.log_fields)
+        return None

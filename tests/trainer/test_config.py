@@ -76,7 +76,7 @@ def test_unknown_section_names_it_and_suggests():
         TrainerConfig().apply_overrides(["alg.lr=1"])
     assert e.value.key == "alg.lr"
     assert "did you mean 'algo'?" in str(e.value)
-    assert "Valid sections: model, run, algo, engine, gen, task, trainer, reward, log" in str(e.value)
+    assert "Valid sections: model, run, algo, engine, gen, task, eval, trainer, reward, log" in str(e.value)
 
 
 def test_key_without_section_suggests_the_section():
