@@ -31,7 +31,8 @@ again, with RLT_TRAIN_CHILD set) in its own session and process group, forwards 
 and SIGTERM to it, and once the child has ended, however it ended (exit, exception,
 SIGKILL, OOM kill), kills whatever is left of its process group: no vLLM engine process
 outlives the run; then it removes the weights' shared memory (/dev/shm/rlt-<launcher
-pid>-*) that a killed child left. With --max-restarts N, a fatal end (exit 1, or the child killed) is
+pid>-*) and vLLM's message-queue segments (/dev/shm/psm_* made during the run, used by
+no live process) that a killed child left. With --max-restarts N, a fatal end (exit 1, or the child killed) is
 followed by a restart from the last checkpoint (run.resume=auto), at most N times, each
 logged as a `run_restart` event. --no-launcher trains in this process instead.
 
@@ -313,7 +314,7 @@ def launch(argv: list[str]) -> int:
 
     from trainer.config import TrainerConfig
     from trainer.errors import ConfigError, ExitCode
-    from trainer.log import configure_logging
+    from trainer.log import QUIET_PROGRESS_ENV, active_format, configure_logging, relay_stderr, stderr_record
     from workers import shm
 
     configure_logging(args.log_format or "auto")
@@ -324,6 +325,13 @@ def launch(argv: list[str]) -> int:
         log.error("config_error", key=e.key, error=str(e))
         return ExitCode.BAD_INPUT
     configure_logging(args.log_format or cfg.log.format, cfg.log.level)
+    # JSON mode: every line on stderr too is a JSON object. The training process group's
+    # stderr (native code, warnings, progress bars, whatever its processes write to fd 2)
+    # comes through a pipe and out as JSON records (trainer/log.py relay_stderr).
+    json_mode = active_format() == "json"
+
+    def note(text: str) -> None:
+        print(stderr_record(text, os.getpid()) if json_mode else text, file=sys.stderr, flush=True)
 
     signals: list[int] = []  # received by the launcher, forwarded to the child
     pending: list[int] = []  # received while no child could take them (being started)
@@ -356,11 +364,17 @@ def launch(argv: list[str]) -> int:
         if signals:  # stopped between two children
             return _stopped_code(signals[0])
         started = time.monotonic()
+        segments_before = shm.segments()  # to tell the run's vLLM segments from others'
         child = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), *child_argv],
-            env={**os.environ, CHILD_ENV: str(os.getpid()), shm.OWNER_ENV: str(os.getpid())},
+            env={
+                **os.environ, **(QUIET_PROGRESS_ENV if json_mode else {}),
+                CHILD_ENV: str(os.getpid()), shm.OWNER_ENV: str(os.getpid()),
+            },
             start_new_session=True,  # its own session and process group: pgid == pid
+            stderr=subprocess.PIPE if json_mode else None,
         )
+        relay = relay_stderr(child.stderr, sys.stderr, child.pid) if json_mode else None
         while pending:  # arrived while it was being started
             deliver(pending.pop(0))
         log.info("training_process_started", pid=child.pid, restart=restarts)
@@ -369,18 +383,20 @@ def launch(argv: list[str]) -> int:
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
         orphans = _kill_process_group(child.pid, launcher=os.getpid())
         # Only once nothing of the run is left: the weights' shared memory it did not
-        # get to unlink (killed before every engine had mapped it).
-        shm_removed = shm.sweep(os.getpid())
+        # get to unlink (killed before every engine had mapped it), and vLLM's message
+        # queue segments (/dev/shm/psm_*) that its killed engine processes left.
+        shm_removed = shm.sweep(os.getpid()) + shm.sweep_segments(segments_before)
+        if relay is not None:  # the group is gone: the pipe is at its end
+            relay.join(timeout=2.0)
+            child.stderr.close()
         child.wait()
         rc = child.returncode
         # The child's last line (run_done, run_failed, ...) stays the run's last line:
         # from here the launcher logs only a run_failed for a killed child, or a restart.
         if orphans:
-            print(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}",
-                  file=sys.stderr, flush=True)
+            note(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}")
         if shm_removed:
-            print(f"train.py launcher: removed shared memory left by the training process {child.pid}: "
-                  f"{shm_removed}", file=sys.stderr, flush=True)
+            note(f"train.py launcher: removed shared memory left by the training process {child.pid}: {shm_removed}")
         if signals:  # a stop was asked for: no restart
             return _stopped_code(signals[0]) if rc < 0 else rc
         if rc < 0:  # killed: it could not say why, so the launcher does

@@ -56,6 +56,21 @@ def failing_task():
     raise RuntimeError("task factory failed on purpose")
 
 
+def hold_then_sigkill():
+    """A task factory that holds the run (its output directory locked) until the file
+    $RLT_TEST_GO exists, announcing itself with $RLT_TEST_READY, then is SIGKILLed."""
+    import os
+    import pathlib
+    import signal
+    import time
+
+    pathlib.Path(os.environ["RLT_TEST_READY"]).touch()
+    deadline = time.monotonic() + 120
+    while not pathlib.Path(os.environ["RLT_TEST_GO"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def shm_then_sigkill():
     """A task factory that makes a weights shared-memory file, as the trainer's first
     sync does, and is SIGKILLed before anything could unlink it (the OOM killer's way)."""

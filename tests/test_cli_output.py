@@ -50,6 +50,14 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
         except json.JSONDecodeError:
             pytest.fail(f"stdout line {n} is not JSON: {line[:300]!r}")
     assert done.returncode == 0, (events[-3:], done.stderr[-3000:])
+    # stderr too: what the processes write to fd 2 (native warnings, Python warnings,
+    # progress bars) arrives as JSON records from the launcher's relay.
+    for n, line in enumerate(done.stderr.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"stderr line {n} is not JSON: {line[:300]!r}")
+        assert isinstance(record, dict) and {"timestamp", "level", "event"} <= set(record), record
 
     for e in events:
         assert isinstance(e, dict), e

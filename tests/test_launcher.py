@@ -132,6 +132,39 @@ def test_shared_memory_a_killed_training_process_left_is_removed(tmp_path, tiny_
     assert set(SHM_DIR.glob(f"{PREFIX}*")) == before
 
 
+def test_a_run_owns_its_output_dir_and_a_killed_run_leaves_no_lock(tmp_path, tiny_model_path):
+    run_dir, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    common = [f"model.path={tiny_model_path}", f"run.output_dir={run_dir}", "task.name=python"]
+    holder = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json", *common,
+         "task.factory=tests.helpers:hold_then_sigkill"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "RLT_TEST_READY": str(ready), "RLT_TEST_GO": str(go)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the first run never got to its task"
+        # A second run on the same directory: refused before it writes anything.
+        rc, events = run_cli(tmp_path, *common, "task.factory=tests.helpers:failing_task")
+        assert rc == 2
+        error = events[-1]
+        assert error["event"] == "config_error" and error["key"] == "run.output_dir"
+        child = next(e for e in map(json.loads, holder.stdout) if e["event"] == "training_process_started")
+        assert str(run_dir) in error["error"] and f"pid {child['pid']}" in error["error"]
+        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+        # SIGKILL of the holder: the kernel drops its lock; the next run gets past it.
+        go.touch()
+        out, _ = holder.communicate(timeout=60)
+        assert holder.returncode == 1 and json.loads(out.splitlines()[-1])["error_type"] == "ProcessKilled"
+        rc, events = run_cli(tmp_path, *common, "task.factory=tests.helpers:failing_task")
+        assert rc == 1 and "failed on purpose" in events[-1]["error"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
 def test_bad_input_is_not_restarted_and_starts_no_training_process(tmp_path):
     rc, events = run_cli(tmp_path, "--max-restarts", "3", "run.stepz=3")
     assert rc == 2

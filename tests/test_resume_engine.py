@@ -15,16 +15,17 @@ import pytest
 from tests.faults import REPO, Run, event_time, is_event
 from tests.helpers import alive
 from trainer import checkpoint as ckpt
+from workers import shm
 
 pytestmark = pytest.mark.engine
 
 STEPS = 8
-# engine.dtype=float32 and a large lr: a resumed engine that did not get the resumed
+# float32 on both sides and a large lr: a resumed engine that did not get the resumed
 # weights would show in sync/logprob_max_diff at once.
 COMMON = (
     f"run.steps={STEPS}", "algo.max_staleness=0", "engine.count=1", "gen.max_tokens=16",
     "engine.max_model_len=256", "run.checkpoint_every=1", "run.keep_checkpoints=2",
-    "engine.dtype=float32", "algo.lr=1e-2",
+    "engine.dtype=float32", "trainer.dtype=float32", "algo.lr=1e-2",
 )
 
 
@@ -107,6 +108,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
         return last
 
     # 1. SIGKILL of the training process (not the launcher), after checkpoint 2.
+    segments_before = shm.segments()
     first = begin("first")
     child = first.wait_for(is_event("training_process_started"))["pid"]
     engine_pids = first.wait_for(is_event("worker_started"))["engine_pids"]
@@ -119,6 +121,10 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     assert set(engine_pids) <= set(last["orphans_killed"])
     assert alive([first.proc.pid, child, *engine_pids]) == []
     assert first.shm_left() == []
+    # vLLM's message-queue segments, which its SIGKILLed processes could not unlink:
+    # removed by the launcher, /dev/shm as it was before the run.
+    assert shm.segments() == segments_before
+    assert any(name.startswith(shm.FOREIGN_PREFIX) for name in last["shm_removed"]), last["shm_removed"]
     n = latest_step(run_dir)  # 2, unless step 3 was quicker than the kill
 
     # 2. Two ranks resume the 1-rank checkpoint; rank 1 raises in its second step.

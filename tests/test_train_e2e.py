@@ -1,5 +1,8 @@
 """End to end: real training steps with the tiny model and real vLLM engines on CPU."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -24,6 +27,7 @@ def tiny_config(tmp_path, model_path, *overrides):
             "engine.max_model_len=128",
             "engine.max_num_seqs=16",
             "engine.dtype=float32",  # exact log-prob agreement with the float32 policy
+            "trainer.dtype=float32",  # (no bfloat16 autocast on a CPU that has it)
             *overrides,
         ],
     )
@@ -78,6 +82,10 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [tmp_path / "run" / "model" / "model.safetensors", *(tmp_path / "run" / "checkpoints").glob("step-*/*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path  # not safetensors' 0600
 
 
 def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tiny_model_path):

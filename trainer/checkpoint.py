@@ -137,6 +137,7 @@ def save_checkpoint(
     name = checkpoint_name(step)
     t0 = time.monotonic()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    follow_umask(tmp)  # mkdtemp makes it 0700; a checkpoint follows the umask like any file
     try:
         safetensors.torch.save_file(model_state, str(tmp / MODEL))
         _torch_save(optimizer_state, tmp / OPTIMIZER)
@@ -152,6 +153,8 @@ def save_checkpoint(
             "files": files,
         }
         _write_bytes(tmp / MANIFEST, _json_bytes(manifest))  # last: its presence means complete
+        for f in (*FILES, MANIFEST):
+            follow_umask(tmp / f)  # safetensors writes 0600
         _fsync_dir(tmp)
         final = root / name
         if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
@@ -199,6 +202,20 @@ def _state_names(model: torch.nn.Module) -> set[str]:
     and persistent buffers."""
     buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return {n for n, _ in model.named_parameters()} | buffers
+
+
+def follow_umask(path: pathlib.Path) -> None:
+    """Give a file (0666) or directory (0777) the mode the umask makes of it: for what
+    was created with a fixed one (mkdtemp's 0700, safetensors' 0600)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() would race other threads creating files
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def _rank() -> int:

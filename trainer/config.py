@@ -201,8 +201,11 @@ class TrainerDeviceConfig:
     device: str = "auto"
     """torch device of the policy: "auto" (cuda:0 if there is a GPU, else cpu), "cpu",
     "cuda" or "cuda:N\""""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """policy dtype; "auto": float32 on CPU, bfloat16 on GPUs that support it"""
+    dtype: Literal["auto", "mixed", "float32", "bfloat16", "float16"] = "auto"
+    """policy dtype: "mixed": float32 weights and optimizer state, bfloat16 autocast
+    compute (log-probs and loss in float32); "auto": mixed where the hardware computes
+    bfloat16 natively (GPUs that support it, CPUs with AVX512-BF16 or AMX), float32
+    elsewhere; a dtype name: the weights and compute in that dtype"""
     ranks: int = 1
     """training processes (torch.distributed, FSDP2: each holds a shard of the policy and
     its optimizer state). 1 trains in the launcher's child process. On GPUs rank r

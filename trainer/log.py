@@ -252,3 +252,66 @@ def adopt_logger(name: str) -> None:
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
+
+
+# ---- stderr as JSON (the launcher, in JSON mode) ---------------------------------------
+
+# For the training process in JSON mode: progress bars off (tqdm's, Hugging Face's).
+QUIET_PROGRESS_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def stderr_record(text: str, pid: int | None = None, level: str = "warning") -> str:
+    """One line of someone's stderr (native code, a warning, a stray print) as a JSON
+    record shaped like ours (`logger: "stderr"`)."""
+    import datetime
+    import json
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    record = {"event": text, "level": level, "logger": "stderr", "thread": None, "timestamp": now}
+    if pid is not None:
+        record["pid"] = pid
+    return json.dumps(record)
+
+
+def relay_stderr(pipe: Any, out: TextIO, pid: int) -> threading.Thread:
+    """A daemon thread copying `pipe` (a child process group's stderr) to `out`, every
+    line a JSON object: JSON lines as they are, anything else wrapped by stderr_record
+    (carriage returns split lines: a progress bar's updates). It reads to the end
+    whatever a line holds, so that no writer in the group ever blocks on a full pipe."""
+
+    def run() -> None:
+        import json
+
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(pipe.fileno(), 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk.replace(b"\r", b"\n")
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                text = raw.decode(errors="replace").rstrip()
+                if not text.strip():
+                    continue
+                try:
+                    is_json = isinstance(json.loads(text), dict)
+                except ValueError:
+                    is_json = False
+                try:
+                    out.write((text if is_json else stderr_record(text, pid)) + "\n")
+                    out.flush()
+                except (OSError, ValueError):  # our stderr is gone: keep draining the pipe
+                    pass
+        if pending.strip():
+            try:
+                out.write(stderr_record(pending.decode(errors="replace").rstrip(), pid) + "\n")
+                out.flush()
+            except (OSError, ValueError):
+                pass
+
+    thread = threading.Thread(target=run, name="stderr-relay", daemon=True)
+    thread.start()
+    return thread

@@ -37,9 +37,18 @@ PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
 PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
 PERF_TRAIN_S = "perf/train_s"
 PERF_RANKS = "perf/ranks"  # training processes (trainer.ranks)
+PERF_ELAPSED_S = "perf/elapsed_s"  # wall time since this fit() began (setup, engine start included)
 LOSS_ENTROPY = "loss/entropy"  # mean entropy of the policy over the trained tokens (null: none)
 LOSS_KL_REF = "loss/kl_ref"  # mean KL(policy || reference) estimate, when algo.kl_coef > 0
 LOSS_NONFINITE_SKIPPED = "loss/nonfinite_skipped"  # 1: the step's update was skipped (NaN/inf)
+# The rollout/training mismatch over the step's trained tokens, whatever their staleness
+# (TRL's sampling/..., SkyRL's): d = trainer log-prob - engine (behaviour) log-prob of the
+# sampled token; the token importance ratio is exp(d), before any cap or clip.
+MISMATCH_LOGPROB_DIFF_MEAN = "mismatch/logprob_diff_mean"  # mean |d|
+MISMATCH_LOGPROB_DIFF_MAX = "mismatch/logprob_diff_max"  # max |d|
+MISMATCH_IS_RATIO_MEAN = "mismatch/is_ratio_mean"  # mean exp(d)
+MISMATCH_IS_RATIO_MIN = "mismatch/is_ratio_min"  # min exp(d)
+MISMATCH_IS_RATIO_MAX = "mismatch/is_ratio_max"  # max exp(d) (loss/is_ratio_max: per sequence with GSPO)
 # Run totals (since this process started the run).
 DATA_PROMPTS_SKIPPED = "data/prompts_skipped"  # prompts that cannot fit the engine
 REWARD_FILTERED_GROUPS = "reward/filtered_groups"  # groups with no reward spread released (filter_zero_std)
@@ -59,7 +68,7 @@ EVAL_PROMPTS = "eval/prompts"  # prompts evaluated
 PERF_EVAL_S = "perf/eval_s"  # wall time of the evaluation (the trainer waits for it)
 EVAL_RECORD_KEYS = (
     STEP, POLICY_VERSION, EVAL_REWARD_MEAN, EVAL_PASS_AT_1, EVAL_PASS_AT_K, EVAL_MEAN_AT_K,
-    EVAL_COMPLETION_LEN, EVAL_K, EVAL_PROMPTS, PERF_EVAL_S,
+    EVAL_COMPLETION_LEN, EVAL_K, EVAL_PROMPTS, PERF_EVAL_S, PERF_ELAPSED_S,
 )
 # What run.keep_best may name: higher is better.
 KEEP_BEST_METRICS = (EVAL_PASS_AT_1, EVAL_PASS_AT_K, EVAL_MEAN_AT_K, EVAL_REWARD_MEAN)
@@ -70,7 +79,10 @@ def is_eval_record(record: dict[str, Any]) -> bool:
 
 
 # null when the step trained no token (every group without reward spread, say).
-NULLABLE_KEYS = (LOSS_ENTROPY,)
+NULLABLE_KEYS = (
+    LOSS_ENTROPY, MISMATCH_LOGPROB_DIFF_MEAN, MISMATCH_LOGPROB_DIFF_MAX, MISMATCH_IS_RATIO_MEAN,
+    MISMATCH_IS_RATIO_MIN, MISMATCH_IS_RATIO_MAX,
+)
 
 
 def reward_function_mean(name: str) -> str:
@@ -100,6 +112,11 @@ STEP_RECORD_KEYS = (
     LOSS_GRAD_NORM,
     LOSS_ENTROPY,
     LOSS_NONFINITE_SKIPPED,
+    MISMATCH_LOGPROB_DIFF_MEAN,
+    MISMATCH_LOGPROB_DIFF_MAX,
+    MISMATCH_IS_RATIO_MEAN,
+    MISMATCH_IS_RATIO_MIN,
+    MISMATCH_IS_RATIO_MAX,
     COMPLETION_MEAN_LEN,
     COMPLETION_CLIPPED_FRAC,
     CAPACITY_FREE,
@@ -113,6 +130,7 @@ STEP_RECORD_KEYS = (
     PERF_TRAINER_IDLE_FRAC,
     PERF_WEIGHT_SYNC_S,
     PERF_RANKS,
+    PERF_ELAPSED_S,
     DATA_PROMPTS_SKIPPED,
     REWARD_FILTERED_GROUPS,
     REWARD_GROUPS_SKIPPED,

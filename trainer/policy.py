@@ -56,29 +56,24 @@ class TokenBatch:
             num_tokens=int(completion_mask.sum().item()),
         )
 
-    def select(self, rows: Tensor) -> TokenBatch:
-        """The sub-batch of the given row indices (a micro-batch)."""
-        mask = self.completion_mask[rows]
-        return TokenBatch(
-            input_ids=self.input_ids[rows],
-            attention_mask=self.attention_mask[rows],
-            completion_mask=mask,
-            behaviour_logprobs=self.behaviour_logprobs[rows],
-            num_tokens=int(mask.sum().item()),
-        )
-
 
 def token_logprobs(
     model: torch.nn.Module, batch: TokenBatch, temperature: float, entropy_grad: bool = False,
-    with_entropy: bool = True,
+    with_entropy: bool = True, autocast: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob under the policy of each next token, and the entropy of the policy's
     next-token distribution there: ([N, T-1], [N, T-1]). Logits are divided by the
     sampling temperature, so they match vLLM's processed log-probs. The entropy carries
     a gradient only with `entropy_grad` (an entropy bonus in the loss); otherwise it is
     computed without one, for the loss/entropy metric; with_entropy=False skips it (None):
-    it costs a softmax over the vocabulary for every token."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    it costs a softmax over the vocabulary for every token.
+
+    `autocast` (mixed precision: trainer.dtype=mixed): the forward's matmuls run in that
+    dtype over float32 weights; everything from the logits on (log-softmax, entropy, the
+    loss) is float32, so no log-prob is rounded to bfloat16."""
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float()  # [N, T-1, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -197,10 +192,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on GPUs that support it, else float32."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None) for trainer.dtype: "mixed" is float32
+    weights with bfloat16 autocast; "auto" is mixed where the device computes bfloat16
+    natively, else float32; any other name is that dtype throughout."""
+    if name == "auto":
+        name = "mixed" if bf16_native(device) else "float32"
+    if name == "mixed":
+        return torch.float32, torch.bfloat16
+    return getattr(torch, name), None
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` has bfloat16 arithmetic in hardware: a GPU that supports it, or
+    a CPU with AVX512-BF16 or AMX (elsewhere bfloat16 is emulated, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -56,6 +56,7 @@ from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
 from trainer.ranks import Ranks, grad_norm_value, split_by_tokens, world_from_env
 from trainer.rewards import reward_spec
+from trainer.run_lock import OutputDirLock
 from trainer.tasks import build_task
 from trainer.tracking import Trackers, check_trackers
 from workers.rewards import RewardPool
@@ -100,9 +101,11 @@ class Trainer:
         self.step = 0  # optimizer steps done, counting those before a resume
         self.resumed_from: pathlib.Path | None = None  # the checkpoint this fit() resumed from
         self.last_checkpoint: pathlib.Path | None = None
+        self._fit_t0 = time.monotonic()  # when fit() began: perf/elapsed_s
         self._stop_count = 0  # stop requests (signals) during this fit()
         self._stop_signal: int | None = None
         self._in_cleanup = False
+        self._lock = OutputDirLock(self.output_dir)  # rank 0 holds it while fit() runs
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -119,8 +122,10 @@ class Trainer:
                 f"this process is one of {self.world} ranks (WORLD_SIZE) but trainer.ranks={cfg.trainer.ranks}",
                 key="trainer.ranks",
             )
-        # First, so that a bad run.resume or a missing tracker package fails before
-        # anything heavy starts.
+        # First: one run per output directory (trainer/run_lock.py); then a bad run.resume
+        # or a missing tracker package fails before anything heavy starts.
+        if main:
+            self._lock.acquire()
         self.resumed_from = self._checkpoint_to_resume() if main else None
         if main:
             check_trackers(cfg.log)
@@ -220,12 +225,13 @@ class Trainer:
         and make the optimizer (over this rank's shard)."""
         cfg = self.cfg
         self.device = resolve_device(cfg.trainer.device, self.local_rank)
-        self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
+        self.dtype, self.autocast = resolve_dtype(cfg.trainer.dtype, self.device)
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
         self.policy, self.tokenizer = load_policy(self.model_path, self.device, self.dtype)
         self.policy = self.ranks.shard(self.policy.train())
         log.info(
-            "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype), pid=os.getpid(),
+            "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype),
+            autocast=str(self.autocast) if self.autocast else None, pid=os.getpid(),
             policy_shard_mib=round(sum(_local(p).nbytes for p in self.policy.parameters()) / 2**20, 1),
         )
         self.reference = None  # the frozen initial policy, for algo.kl_coef
@@ -362,6 +368,7 @@ class Trainer:
                 M.PERF_TRAINER_IDLE_FRAC: (t_batch - t0) / (t1 - t0),
                 M.PERF_WEIGHT_SYNC_S: sync_s,
                 M.PERF_RANKS: self.world,
+                M.PERF_ELAPSED_S: t1 - self._fit_t0,
             }
             tokens_before = tokens_now
             record = M.json_safe(record)  # a skipped non-finite step logs null, not NaN
@@ -390,7 +397,10 @@ class Trainer:
         an eval record in metrics.jsonl at `step` = steps done, and run.keep_best."""
         log.debug("phase", phase="eval")
         metrics = self.evaluator.run(self.supervisor, self.cfg.run.batch_timeout_s, self._check_waiting)
-        record = M.json_safe({M.STEP: self.step, M.POLICY_VERSION: self.queue.version, **metrics})
+        record = M.json_safe({
+            M.STEP: self.step, M.POLICY_VERSION: self.queue.version, **metrics,
+            M.PERF_ELAPSED_S: time.monotonic() - self._fit_t0,
+        })
         self.evals.append(record)
         metrics_file.write(record)
         self.trackers.log(record, step=self.step)
@@ -467,7 +477,8 @@ class Trainer:
         entropy_coef, kl_coef = cfg.algo.entropy_coef, cfg.algo.kl_coef
         stats = {
             M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
-            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0, M.LOSS_ENTROPY: None,
+            M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0,
+            **{name: None for name in M.NULLABLE_KEYS},  # null when no token is trained
         }
         if kl_coef != 0:
             stats[M.LOSS_KL_REF] = None
@@ -475,34 +486,38 @@ class Trainer:
             return stats  # no learning signal in this batch: the weights stay as they are
         # An empty micro-batch: one masked-out token, so that the forward and backward
         # (and their collectives) run with a zero loss.
-        rows = rows or [{"prompt": [self.pad_id], "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
-                         "on_policy": False, "advantage": 0.0}]
-        batch = TokenBatch.build(
-            prompts=[r["prompt"] for r in rows],
-            completions=[r["completion"] for r in rows],
-            behaviour=[r["behaviour"] for r in rows],
-            pad_id=self.pad_id,
-            device=self.device,
-            in_loss=[r["in_loss"] for r in rows],
-        )
-        advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=self.device)  # [n]
-        on_policy = torch.tensor([r["on_policy"] for r in rows], device=self.device)  # [n]
+        empty = {"prompt": [self.pad_id], "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
+                 "on_policy": False, "advantage": 0.0}
+        # Rows of similar length share a micro-batch, each padded to its own longest: the
+        # loss is a sum over rows (norm is the batch's), so the grouping changes nothing
+        # but the padding computed.
+        rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["completion"]), reverse=True)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {"entropy": 0.0, "kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "capped": 0.0, "tokens": 0}
+        sums = {"entropy": 0.0, "kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "capped": 0.0, "tokens": 0,
+                "lp_diff": 0.0, "ratio": 0.0}
         sync_max_diff = -1.0  # -1: no on-policy row
+        lp_diff_max, ratio_max, neg_ratio_min = 0.0, 0.0, -math.inf  # over this rank's trained tokens
         mb = cfg.algo.micro_batch_size
         for k in range(micro_batches):
-            chunk = list(range(k * mb, min((k + 1) * mb, len(rows))))
-            idx = torch.tensor(chunk or [0], device=self.device)
-            sub = batch.select(idx)
-            if not chunk:  # this rank has run out of rows: row 0 again, with no weight
-                sub = dataclasses.replace(sub, completion_mask=torch.zeros_like(sub.completion_mask), num_tokens=0)
+            chunk = rows[k * mb : (k + 1) * mb] or [empty]  # a rank out of rows runs an empty one
+            sub = TokenBatch.build(
+                prompts=[r["prompt"] for r in chunk],
+                completions=[r["completion"] for r in chunk],
+                behaviour=[r["behaviour"] for r in chunk],
+                pad_id=self.pad_id,
+                device=self.device,
+                in_loss=[r["in_loss"] for r in chunk],
+            )
+            advantages = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=self.device)  # [n]
+            on_policy = torch.tensor([r["on_policy"] for r in chunk], device=self.device)  # [n]
             if sub.num_tokens == 0 and self.world == 1:
                 continue  # nothing to learn, and no other rank waits on this micro-batch
             self._check()  # a long step on a big model should not delay a worker error or a stop
-            logprobs, entropy = token_logprobs(self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0)
+            logprobs, entropy = token_logprobs(
+                self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0, autocast=self.autocast
+            )
             loss, s = policy_loss(  # this micro-batch's share of the batch loss
-                logprobs, sub.behaviour_logprobs, advantages[idx], sub.completion_mask,
+                logprobs, sub.behaviour_logprobs, advantages, sub.completion_mask,
                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, is_cap=cfg.algo.is_cap,
                 norm=norm, loss_agg=cfg.algo.loss_agg, ratio_level=cfg.algo.ratio_level,
             )
@@ -511,7 +526,9 @@ class Trainer:
                 total = total - entropy_coef * aggregate(entropy, sub.completion_mask, cfg.algo.loss_agg, norm)
             if kl_coef != 0:  # a penalty for drifting from the initial policy
                 with torch.no_grad():
-                    ref_logprobs, _ = token_logprobs(self.reference, sub, cfg.gen.temperature, with_entropy=False)
+                    ref_logprobs, _ = token_logprobs(
+                        self.reference, sub, cfg.gen.temperature, with_entropy=False, autocast=self.autocast
+                    )
                 kl = kl_penalty(logprobs, ref_logprobs, cfg.algo.kl_estimator)  # [n, L]
                 total = total + kl_coef * aggregate(kl, sub.completion_mask, cfg.algo.loss_agg, norm)
                 sums["kl"] += (kl.detach() * sub.completion_mask).sum().item()
@@ -520,9 +537,17 @@ class Trainer:
             (total * self.world).backward()
             if sub.num_tokens == 0:
                 continue
-            sync_rows = on_policy[idx]
-            if sync_rows.any():
-                diff = ((logprobs.detach() - sub.behaviour_logprobs).abs() * sub.completion_mask)[sync_rows]
+            # The rollout/training mismatch: the trainer's log-prob of each trained token
+            # against the engine's, whatever the staleness (bf16 vs float32, stale weights).
+            trained = sub.completion_mask > 0
+            log_ratio = (logprobs.detach() - sub.behaviour_logprobs)[trained]  # [tokens]
+            sums["lp_diff"] += log_ratio.abs().sum().item()
+            sums["ratio"] += log_ratio.exp().sum().item()
+            lp_diff_max = max(lp_diff_max, log_ratio.abs().max().item())
+            ratio_max = max(ratio_max, log_ratio.exp().max().item())
+            neg_ratio_min = max(neg_ratio_min, -log_ratio.exp().min().item())
+            if on_policy.any():
+                diff = ((logprobs.detach() - sub.behaviour_logprobs).abs() * sub.completion_mask)[on_policy]
                 sync_max_diff = max(sync_max_diff, diff.max().item())
             w = sub.num_tokens
             stats[M.LOSS_POLICY] += loss.item()
@@ -536,13 +561,20 @@ class Trainer:
         sums["loss"] = stats[M.LOSS_POLICY]
         totals = dict(zip(sums, self.ranks.all_reduce(list(sums.values()), "sum")))
         stats[M.LOSS_POLICY] = totals["loss"]
-        stats[M.LOSS_IS_RATIO_MAX], sync_max_diff = self.ranks.all_reduce([stats[M.LOSS_IS_RATIO_MAX], sync_max_diff], "max")
+        stats[M.LOSS_IS_RATIO_MAX], sync_max_diff, lp_diff_max, ratio_max, neg_ratio_min = self.ranks.all_reduce(
+            [stats[M.LOSS_IS_RATIO_MAX], sync_max_diff, lp_diff_max, ratio_max, neg_ratio_min], "max"
+        )
         trained = max(totals["tokens"], 1)
         stats[M.LOSS_CLIP_FRAC] = totals["clip"] / trained
         stats[M.LOSS_APPROX_KL] = totals["approx_kl"] / trained
         stats[M.LOSS_IS_CAPPED_FRAC] = totals["capped"] / trained
         if totals["tokens"] > 0:
             stats[M.LOSS_ENTROPY] = totals["entropy"] / trained
+            stats[M.MISMATCH_LOGPROB_DIFF_MEAN] = totals["lp_diff"] / trained
+            stats[M.MISMATCH_LOGPROB_DIFF_MAX] = lp_diff_max
+            stats[M.MISMATCH_IS_RATIO_MEAN] = totals["ratio"] / trained
+            stats[M.MISMATCH_IS_RATIO_MIN] = -neg_ratio_min
+            stats[M.MISMATCH_IS_RATIO_MAX] = ratio_max
             if kl_coef != 0:
                 stats[M.LOSS_KL_REF] = totals["kl"] / trained
         if sync_max_diff >= 0:
@@ -701,6 +733,8 @@ class Trainer:
                 self.policy.generation_config.save_pretrained(out)
             safetensors.torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
+        for path in out.iterdir():
+            ckpt.follow_umask(path)  # safetensors writes 0600
         log.info("model_saved", path=str(out))
 
     # ---- cleanup ----------------------------------------------------------------------
@@ -729,6 +763,7 @@ class Trainer:
         """Set up (resuming per run.resume), train up to run.steps, clean up. Re-raises any
         worker error; raises RunInterrupted after a stop request (see request_stop)."""
         self.history, self.evals = [], []
+        self._fit_t0 = time.monotonic()
         self._stop_count, self._stop_signal, self._in_cleanup = 0, None, False
         interrupted, failing = None, False
         context = {"run_id": self.run_id, **({"rank": self.rank} if self.world > 1 else {})}
@@ -761,6 +796,7 @@ class Trainer:
             finally:
                 self._in_cleanup = True
                 self.cleanup(failing)
+                self._lock.release()
         if interrupted is not None:
             self.ranks.send("stop", {"exit_code": int(interrupted.exit_code)})
             raise interrupted

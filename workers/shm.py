@@ -94,6 +94,57 @@ def sweep(owner: int, directory: pathlib.Path = SHM_DIR) -> list[str]:
     return removed
 
 
+# The POSIX shared memory of Python's multiprocessing.shared_memory, which vLLM's
+# message queues between the engine's processes use: /dev/shm/psm_<random>.
+FOREIGN_PREFIX = "psm_"
+
+
+def segments(directory: pathlib.Path = SHM_DIR) -> set[str]:
+    """The names of the multiprocessing shared-memory segments there now."""
+    return {p.name for p in directory.glob(f"{FOREIGN_PREFIX}*")}
+
+
+def in_use(directory: pathlib.Path = SHM_DIR) -> set[str]:
+    """Names under `directory` that a live process maps or holds open (from /proc; a
+    process we may not inspect is skipped: its files are not ours to remove anyway)."""
+    prefix = f"{directory}/"
+    used = set()
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = fields[5] if len(fields) == 6 else ""
+                if path.startswith(prefix):
+                    used.add(path[len(prefix):].removesuffix(" (deleted)"))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith(prefix):
+                    used.add(target[len(prefix):].removesuffix(" (deleted)"))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return used
+
+
+def sweep_segments(before: set[str], directory: pathlib.Path = SHM_DIR) -> list[str]:
+    """Remove the multiprocessing segments made since `before` (segments() then) that
+    this user owns and no live process maps or holds open: those a killed run's engine
+    processes left behind. Returns their names."""
+    new = sorted(segments(directory) - before)
+    if not new:
+        return []
+    used, uid, removed = in_use(directory), os.getuid(), []
+    for name in new:
+        path = directory / name
+        try:
+            if name in used or path.stat().st_uid != uid:
+                continue
+            path.unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def unmap(mapping: mmap.mmap) -> None:
     """Close a mapping; with a tensor view of it still alive somewhere, leave it to the
     garbage collector to unmap later."""

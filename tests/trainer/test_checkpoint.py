@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import stat
 
 import pytest
 import torch
@@ -83,6 +84,16 @@ def test_load_restores_weights_tied_weights_optimizer_and_rng(tmp_path):
     ckpt.set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), expected_torch)
     assert random.random() == expected_py
+
+
+def test_a_checkpoint_directory_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = save(tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert stat.S_IMODE((path / ckpt.MODEL).stat().st_mode) == 0o640
 
 
 def test_only_the_last_k_are_kept(tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from trainer.policy import EngineWeights, weights_image_size, weights_to_bytes
 from workers import shm
+from workers.shm import SHM_DIR
 
 
 class TinyPolicy(torch.nn.Module):
@@ -95,3 +96,34 @@ def test_without_room_in_dev_shm_the_weights_go_as_bytes(monkeypatch):
     assert isinstance(data, bytearray) and bytes(data) == bytes(weights_to_bytes(model, torch.float32))
     assert isinstance(out.write(model), bytearray)  # not tried again
     out.close()
+
+
+def test_sweep_segments_removes_only_new_unused_segments_of_this_user():
+    """vLLM's message queues live in multiprocessing shared memory (/dev/shm/psm_*); a
+    SIGKILLed run leaves them. The launcher removes those made during the run that no
+    live process maps or holds open."""
+    from multiprocessing import shared_memory
+
+    old = shared_memory.SharedMemory(create=True, size=4096)  # there before the run
+    before = shm.segments()
+    held = shared_memory.SharedMemory(create=True, size=4096)  # a live process maps it
+    left = shared_memory.SharedMemory(create=True, size=4096)  # as a killed process leaves it:
+    left_name = left.name.lstrip("/")
+    left.close()  # unmapped and closed, the name still there
+    opened = SHM_DIR / f"{shm.FOREIGN_PREFIX}test-open-{os.getpid()}"
+    fd = os.open(opened, os.O_CREAT | os.O_RDWR, 0o600)  # held open, not mapped
+    try:
+        assert {held.name.lstrip("/"), left_name, opened.name} <= shm.segments() - before
+        assert shm.sweep_segments(before) == [left_name]
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(left._name, "shared_memory")  # removed already: no warning at exit
+        assert not (SHM_DIR / left_name).exists()
+        assert (SHM_DIR / held.name.lstrip("/")).exists() and opened.exists()
+        assert (SHM_DIR / old.name.lstrip("/")).exists()
+    finally:
+        os.close(fd)
+        opened.unlink()
+        for seg in (old, held):
+            seg.close()
+            seg.unlink()

@@ -1,0 +1,182 @@
+"""Time to quality: held-out accuracy against wall time, for trainer variants and seeds.
+
+    python scripts/bench_time_to_quality.py                         # default vs float32 trainer, seed 0
+    python scripts/bench_time_to_quality.py --variants default sync_fp32 staleness2 --seeds 0 1 2
+    python scripts/bench_time_to_quality.py --grid --seeds 0 1 2    # the issue's grid (hours here)
+    python scripts/bench_time_to_quality.py --model tiny --steps 3  # a smoke run of the script
+
+Each run is scripts/train.py (the real engines and trainer) on the default job (SmolLM2,
+arithmetic, 4 prompts x 8 samples, 48 tokens) with eval.every=--eval-every and
+eval.before_train: the held-out set is the arithmetic generator at eval.seed
+(--eval-prompts prompts, --eval-samples samples each, temperature 1), accuracy is
+eval/pass@1. Time is training wall time: perf/elapsed_s of each evaluation (since the
+run began, engine start included) minus the evaluations' own perf/eval_s before it, so
+the evaluation's cost is not counted against a variant that evaluates more often.
+
+Prints and records (docs/benchmarks.md) per variant: steps/s, the time to reach 0.8 and
+0.9 accuracy (median over seeds, min-max; "-" when a seed never got there), accuracy at
+--budget-s seconds (the last evaluation at or before it) and at the end; and a PNG of
+accuracy against time (--png). Not compared here yet: TRL's GRPOTrainer (the issue asks
+for it, in its own virtual environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts.benchlib import record, table  # noqa: E402
+from trainer import metrics as M  # noqa: E402
+from trainer.plots import read_metrics  # noqa: E402
+
+VARIANTS = {
+    "default": [],
+    "trainer_fp32": ["trainer.dtype=float32"],
+    "sync_fp32": ["algo.max_staleness=0", "engine.dtype=float32", "trainer.dtype=float32"],
+    "staleness0": ["algo.max_staleness=0"],
+    "staleness2": ["algo.max_staleness=2"],
+}
+THRESHOLDS = (0.8, 0.9)
+
+
+def grid() -> dict[str, list[str]]:
+    """max_staleness 0/1/2 x engine bf16/float32 x trainer float32/mixed."""
+    out = {}
+    for s, e, t in itertools.product((0, 1, 2), ("bfloat16", "float32"), ("float32", "mixed")):
+        out[f"s{s}_engine-{e}_trainer-{t}"] = [f"algo.max_staleness={s}", f"engine.dtype={e}", f"trainer.dtype={t}"]
+    return out
+
+
+def run_one(overrides: list[str], seed: int, args: argparse.Namespace, out_dir: pathlib.Path) -> dict:
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json", f"model.path={args.model}",
+        f"run.output_dir={out_dir}", f"run.steps={args.steps}", f"run.seed={seed}", "run.checkpoint_every=1000",
+        f"eval.every={args.eval_every}", "eval.before_train=true", f"eval.prompts={args.eval_prompts}",
+        f"eval.samples={args.eval_samples}", *overrides,
+    ]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
+    evals = read_metrics(out_dir / "metrics.jsonl", evals=True)
+    steps = read_metrics(out_dir / "metrics.jsonl")
+    curve, eval_s = [], 0.0
+    for e in evals:
+        eval_s += e[M.PERF_EVAL_S]
+        curve.append((e[M.PERF_ELAPSED_S] - eval_s, e[M.EVAL_PASS_AT_1]))
+    return {
+        "curve": curve,  # (training seconds, accuracy) at each evaluation
+        "wall_s": time.monotonic() - t0,
+        "step_s": statistics.median(s[M.PERF_STEP_S] for s in steps),
+        "train_s": statistics.median(s[M.PERF_TRAIN_S] for s in steps),
+    }
+
+
+def time_to(curve: list[tuple[float, float]], threshold: float) -> float | None:
+    return next((t for t, acc in curve if acc >= threshold), None)
+
+
+def at_budget(curve: list[tuple[float, float]], budget: float) -> float:
+    return [acc for t, acc in curve if t <= budget][-1] if curve else float("nan")
+
+
+def spread(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "-"
+    missed = len(values) - len(got)
+    text = f"{statistics.median(got):.0f}" if len(got) == 1 else f"{statistics.median(got):.0f} ({min(got):.0f}-{max(got):.0f})"
+    return text + (f", {missed} never" if missed else "")
+
+
+def accuracy(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=["default", "trainer_fp32"], choices=sorted(VARIANTS))
+    p.add_argument("--grid", action="store_true", help="the issue's grid instead of --variants")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=150.0)
+    p.add_argument("--png", default=str(REPO / "docs" / "time_to_quality.png"))
+    args = p.parse_args()
+    variants = grid() if args.grid else {v: VARIANTS[v] for v in args.variants}
+
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="ttq-") as tmp:
+        # Seeds outermost, variants alternating: a machine that slows down mid-benchmark
+        # hits every variant alike.
+        for seed in args.seeds:
+            for name, overrides in variants.items():
+                r = run_one(overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
+                results.setdefault(name, []).append(r)
+                print(f"{name} seed {seed}: {r['wall_s']:.0f} s, accuracy {[round(a, 2) for _, a in r['curve']]}",
+                      file=sys.stderr, flush=True)
+
+    rows = []
+    for name, runs in results.items():
+        curves = [r["curve"] for r in runs]
+        rows.append([
+            name, " ".join(variants[name]) or "(defaults)", f"{statistics.median(r['step_s'] for r in runs):.1f}",
+            f"{statistics.median(r['train_s'] for r in runs):.1f}",
+            *(spread([time_to(c, th) for c in curves]) for th in THRESHOLDS),
+            accuracy([at_budget(c, args.budget_s) for c in curves]), accuracy([c[0][1] for c in curves]),
+            accuracy([c[-1][1] for c in curves]),
+        ])
+    header = ["variant", "overrides", "s/step", "train s/step", *(f"s to {th}" for th in THRESHOLDS),
+              f"acc at {args.budget_s:.0f} s", "acc at start", "acc at end"]
+    body = (
+        f"{args.model}, {args.steps} steps, seeds {args.seeds}; held-out: {args.eval_prompts} arithmetic prompts "
+        f"(eval.seed) x {args.eval_samples} samples, eval/pass@1 every {args.eval_every} steps; time: training "
+        "wall time (evaluations excluded), engine start included; medians over seeds (min-max)\n\n"
+        + table(header, rows)
+    )
+    if args.png:
+        plot(results, args.png)
+        body += f"\n\nAccuracy against time: `{os.path.relpath(args.png, REPO)}`."
+    record(f"Time to quality ({args.model})", body)
+
+
+def plot(results: dict[str, list[dict]], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (name, runs) in enumerate(results.items()):
+        color = f"C{i % 10}"
+        for j, r in enumerate(runs):
+            ts, accs = zip(*r["curve"])
+            ax.plot(ts, accs, marker="o", color=color, alpha=0.8, label=name if j == 0 else None)
+    for th in THRESHOLDS:
+        ax.axhline(th, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("training wall time (s), evaluations excluded")
+    ax.set_ylabel("held-out eval/pass@1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Training at the hardware's speed, numerically safe: trainer.dtype (mixed = float32
+weights, bfloat16 autocast), micro-batches padded to their own length, and the
+rollout/training mismatch metrics. The real tiny model, no engine: the trainer's
+optimizer step is called directly."""
+
+import math
+
+import pytest
+import torch
+
+import trainer.policy as policy_mod
+from trainer import Trainer, TrainerConfig
+from trainer import metrics as M
+from trainer.loss import LossNorm
+from trainer.policy import TokenBatch, resolve_dtype, token_logprobs
+
+
+def test_trainer_dtype_resolves_to_weights_and_autocast(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_dtype("mixed", cpu) == (torch.float32, torch.bfloat16)
+    assert resolve_dtype("float32", cpu) == (torch.float32, None)
+    assert resolve_dtype("bfloat16", cpu) == (torch.bfloat16, None)
+    monkeypatch.setattr(policy_mod, "bf16_native", lambda device: True)
+    assert resolve_dtype("auto", cpu) == (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(policy_mod, "bf16_native", lambda device: False)
+    assert resolve_dtype("auto", cpu) == (torch.float32, None)
+
+
+def trainer_without_engines(tmp_path, tiny_model_path, *overrides):
+    cfg = TrainerConfig.load(None, [f"model.path={tiny_model_path}", f"run.output_dir={tmp_path}", *overrides])
+    t = Trainer(cfg)
+    from trainer.models import resolve_model_path
+
+    t.model_path = resolve_model_path(cfg.model.path)
+    t._setup_policy()
+    return t
+
+
+# Rows of very different lengths: prompt + completion of 3 .. 40 tokens.
+LENGTHS = [(2, 1), (10, 30), (3, 4), (20, 20), (5, 5), (2, 2)]
+
+
+def rows_for(t, offset=0.0):
+    """Rows whose behaviour log-probs are the policy's own minus `offset`."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, (p, c) in enumerate(LENGTHS):
+        ids = torch.randint(5, 200, (p + c,), generator=g).tolist()
+        batch = TokenBatch.build([ids[:p]], [ids[p:]], [[0.0] * c], pad_id=t.pad_id, device="cpu")
+        with torch.no_grad():
+            lp, _ = token_logprobs(t.policy, batch, 1.0, with_entropy=False, autocast=t.autocast)
+        behaviour = (lp[0, p - 1 : p - 1 + c] - offset).tolist()
+        rows.append({"prompt": ids[:p], "completion": ids[p:], "behaviour": behaviour, "in_loss": True,
+                     "on_policy": True, "advantage": 1.0 if i % 2 else -1.0})
+    return rows
+
+
+def grads_after_step(t, rows, micro_batch_size, monkeypatch):
+    """The gradients of one step with `micro_batch_size`, and the (rows, width) of each
+    micro-batch built (the optimizer itself does not step)."""
+    t.cfg.algo.micro_batch_size = micro_batch_size
+    built = []
+    real_build = TokenBatch.build
+
+    def build(prompts, completions, *args, **kwargs):
+        b = real_build(prompts, completions, *args, **kwargs)
+        built.append((len(prompts), b.input_ids.shape[1], max(len(p) + len(c) for p, c in zip(prompts, completions))))
+        return b
+
+    monkeypatch.setattr(TokenBatch, "build", staticmethod(build))
+    monkeypatch.setattr(t.optimizer, "step", lambda: None)
+    norm = LossNorm(tokens=sum(c for _, c in LENGTHS), seqs=len(LENGTHS), max_tokens=48)
+    stats = t._optimizer_step(rows, norm, micro_batches=-(-len(rows) // micro_batch_size))
+    monkeypatch.undo()
+    return {n: p.grad.clone() for n, p in t.policy.named_parameters()}, built, stats
+
+
+def test_micro_batches_are_padded_to_their_own_length_and_sum_to_the_same_gradient(
+    tmp_path, tiny_model_path, monkeypatch
+):
+    t = trainer_without_engines(tmp_path, tiny_model_path, "trainer.dtype=float32")
+    rows = rows_for(t)
+    one, built_one, _ = grads_after_step(t, rows, 8, monkeypatch)
+    pairs, built_pairs, _ = grads_after_step(t, rows, 2, monkeypatch)
+    assert [(n, w) for n, w, _ in built_one] == [(6, 40)]
+    # Sorted by length, longest first: (40, 40) (10, 8) (4, 3), each as wide as its longest.
+    assert [(n, w) for n, w, _ in built_pairs] == [(2, 40), (2, 10), (2, 4)]
+    assert all(w == longest for _, w, longest in built_pairs)
+    for name in one:
+        torch.testing.assert_close(pairs[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_mismatch_metrics_measure_the_trainer_engine_log_prob_gap(tmp_path, tiny_model_path, monkeypatch):
+    t = trainer_without_engines(tmp_path, tiny_model_path, "trainer.dtype=float32")
+    _, _, stats = grads_after_step(t, rows_for(t, offset=0.1), 2, monkeypatch)  # engine 0.1 nats below
+    assert stats[M.MISMATCH_LOGPROB_DIFF_MEAN] == pytest.approx(0.1, abs=1e-4)
+    assert stats[M.MISMATCH_LOGPROB_DIFF_MAX] == pytest.approx(0.1, abs=1e-4)
+    for name in (M.MISMATCH_IS_RATIO_MEAN, M.MISMATCH_IS_RATIO_MIN, M.MISMATCH_IS_RATIO_MAX):
+        assert stats[name] == pytest.approx(math.exp(0.1), abs=1e-4)
+    assert stats[M.SYNC_LOGPROB_MAX_DIFF] == pytest.approx(0.1, abs=1e-4)
+    # Exact behaviour log-probs: no gap.
+    _, _, exact = grads_after_step(t, rows_for(t), 2, monkeypatch)
+    assert exact[M.MISMATCH_LOGPROB_DIFF_MAX] < 1e-5 and exact[M.MISMATCH_IS_RATIO_MIN] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mixed_precision_keeps_float32_weights_and_log_probs_close_to_float32(tmp_path, tiny_model_path, monkeypatch):
+    mixed = trainer_without_engines(tmp_path, tiny_model_path, "trainer.dtype=mixed")
+    assert mixed.autocast is torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in mixed.policy.parameters())
+    rows = rows_for(mixed)  # behaviour: the mixed policy's own log-probs
+    # The float32 policy's log-probs of the same tokens differ by bfloat16 rounding only.
+    full = trainer_without_engines(tmp_path, tiny_model_path, "trainer.dtype=float32")
+    _, _, stats = grads_after_step(full, rows, 8, monkeypatch)
+    assert 0 < stats[M.MISMATCH_LOGPROB_DIFF_MEAN] < 0.05, stats[M.MISMATCH_LOGPROB_DIFF_MEAN]
+    grads, _, stats = grads_after_step(mixed, rows, 8, monkeypatch)
+    # The same weights and dtype, batched otherwise: bfloat16 rounding differs with the shape.
+    assert stats[M.MISMATCH_LOGPROB_DIFF_MEAN] < 0.05
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for g in grads.values())
