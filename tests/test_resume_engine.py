@@ -121,10 +121,9 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     assert set(engine_pids) <= set(last["orphans_killed"])
     assert alive([first.proc.pid, child, *engine_pids]) == []
     assert first.shm_left() == []
-    # vLLM's message-queue segments, which its SIGKILLed processes could not unlink:
-    # removed by the launcher, /dev/shm as it was before the run.
+    # vLLM's message-queue segments (/dev/shm/psm_*): whatever its SIGKILLed processes
+    # could not unlink, the launcher removed; /dev/shm is as it was before the run.
     assert shm.segments() == segments_before
-    assert any(name.startswith(shm.FOREIGN_PREFIX) for name in last["shm_removed"]), last["shm_removed"]
     n = latest_step(run_dir)  # 2, unless step 3 was quicker than the kill
 
     # 2. Two ranks resume the 1-rank checkpoint; rank 1 raises in its second step.

@@ -81,7 +81,13 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     assert alive(pids) == []
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    # RUN_DIR/model loads as a Hugging Face model with the trained weights, written once:
+    # its weights file is the final checkpoint's.
+    model_dir = tmp_path / "run" / "model"
+    final, _ = load_policy(model_dir)
+    for (name, p), (_, q) in zip(final.named_parameters(), trainer.policy.named_parameters()):
+        assert torch.equal(p, q), name
+    assert (model_dir / "model.safetensors").stat().st_ino == (trainer.last_checkpoint / "model.safetensors").stat().st_ino
     umask = os.umask(0o022)
     os.umask(umask)
     for path in [tmp_path / "run" / "model" / "model.safetensors", *(tmp_path / "run" / "checkpoints").glob("step-*/*")]:

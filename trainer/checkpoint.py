@@ -139,7 +139,8 @@ def save_checkpoint(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     follow_umask(tmp)  # mkdtemp makes it 0700; a checkpoint follows the umask like any file
     try:
-        safetensors.torch.save_file(model_state, str(tmp / MODEL))
+        # format "pt": what transformers asks of a safetensors file; RUN_DIR/model links this one.
+        safetensors.torch.save_file(model_state, str(tmp / MODEL), metadata={"format": "pt"})
         _torch_save(optimizer_state, tmp / OPTIMIZER)
         _torch_save(rng_state(), tmp / RNG)
         _write_bytes(tmp / TRAINER_STATE, _json_bytes({**trainer_state, "step": step}))

@@ -33,13 +33,13 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
 import uuid
 from typing import Any
 
-import safetensors.torch
 import structlog
 import torch
 
@@ -387,8 +387,7 @@ class Trainer:
                 structlog.contextvars.unbind_contextvars("step")
                 return self.history  # fit() writes the checkpoint
         structlog.contextvars.unbind_contextvars("step")
-        self._save_checkpoint()
-        self._save_final_model()
+        self._save_final_model(self._save_checkpoint())
         self._plot_metrics()
         return self.history
 
@@ -624,8 +623,6 @@ class Trainer:
                 weights_to_bytes(self.policy, getattr(torch, command["dtype"]), keep=False)
             elif kind == "checkpoint":
                 ckpt.full_state(self.policy, self.optimizer)
-            elif kind == "model":
-                ckpt.full_weights(self.policy)
             elif kind == "stop":
                 self.stop_code = command["exit_code"]
                 self.ranks.wait_for_main_exit(timeout_s=self.cfg.engine.shutdown_timeout_s + 30)
@@ -720,18 +717,22 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - the model and metrics are saved already
             log.warning("plot_failed", error_type=type(e).__name__, error=str(e))
 
-    def _save_final_model(self) -> None:
+    def _save_final_model(self, checkpoint: pathlib.Path) -> None:
+        """RUN_DIR/model, a Hugging Face model directory: its weights are the final
+        checkpoint's file, hard-linked (written once; a copy across file systems)."""
         out = self.output_dir / "model"
-        if self.world == 1:
-            self.policy.save_pretrained(out, safe_serialization=True)
-        else:  # gathered from the ranks; FSDP renamed the class, so not save_pretrained
-            self.ranks.send("model")
-            weights = ckpt.full_weights(self.policy)
-            out.mkdir(parents=True, exist_ok=True)
-            self.policy.config.save_pretrained(out)
-            if self.policy.generation_config is not None:
-                self.policy.generation_config.save_pretrained(out)
-            safetensors.torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        out.mkdir(parents=True, exist_ok=True)
+        target, tmp = out / "model.safetensors", out / ".model.safetensors.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(checkpoint / ckpt.MODEL, tmp)
+        except OSError:
+            shutil.copyfile(checkpoint / ckpt.MODEL, tmp)
+        os.replace(tmp, target)
+        # Not policy.save_pretrained: that writes the weights again (and FSDP renamed the class).
+        self.policy.config.save_pretrained(out)
+        if self.policy.generation_config is not None:
+            self.policy.generation_config.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         for path in out.iterdir():
             ckpt.follow_umask(path)  # safetensors writes 0600

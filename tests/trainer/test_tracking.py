@@ -247,9 +247,26 @@ def wandb_records(path):
             yield record
 
 
-def wandb_run(run_dir_, run_id):
+def wandb_run(run_dir_, run_id, wait_s=15.0):
     """(run record, config, history rows, metric records, finished) of each offline run
-    with that id, oldest first."""
+    with that id, oldest first. wandb-core may still be writing a segment's file after
+    finish() returned (seen on a loaded machine): read again until each holds its run
+    record, for at most wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _wandb_run(run_dir_, run_id)
+        except _Incomplete:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"an offline wandb run of {run_id} has no run record after {wait_s}s") from None
+            time.sleep(0.2)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _wandb_run(run_dir_, run_id):
     runs = []
     # A second segment started in the same second as the first is "...-{run_id}-1".
     for path in sorted(run_dir_.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb")):
@@ -264,6 +281,8 @@ def wandb_run(run_dir_, run_id):
                 metrics.append(r.metric)
             elif kind == "exit":
                 finished = True
+        if run is None:
+            raise _Incomplete(path)
         cfg = {i.key: json.loads(i.value_json) for i in run.config.update}
         runs.append((run, cfg, history, metrics, finished))
     return runs
