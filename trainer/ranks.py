@@ -9,6 +9,7 @@ optimizer state and do what rank 0 tells them, one command at a time:
     step        train on this share of the batch (a collective per micro-batch), step
                 the shard, then take part in gathering the weights for the engines
     checkpoint  take part in gathering the full state dict (rank 0 writes it)
+    model       take part in gathering the full weights (tests/ranks_step.py compares them)
     stop        exit with this code once rank 0 has exited
 
 Commands travel through the process group's TCP store, not a collective: a follower

@@ -623,6 +623,8 @@ class Trainer:
                 weights_to_bytes(self.policy, getattr(torch, command["dtype"]), keep=False)
             elif kind == "checkpoint":
                 ckpt.full_state(self.policy, self.optimizer)
+            elif kind == "model":
+                ckpt.full_weights(self.policy)
             elif kind == "stop":
                 self.stop_code = command["exit_code"]
                 self.ranks.wait_for_main_exit(timeout_s=self.cfg.engine.shutdown_timeout_s + 30)
