@@ -9,10 +9,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.faults import REPO
 from tests.helpers import alive
 from trainer import metrics as M
+from workers.hardware import bf16_native
 from workers.shm import PREFIX, SHM_DIR
 
 pytestmark = pytest.mark.engine
@@ -80,6 +82,10 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     assert from_engines, "no record from an engine process"
     assert {e["process"] for e in from_engines} & {"EngineCore", "EngineCore_DP0"}, {e["process"] for e in from_engines}
     assert all(e["logger"].startswith("vllm") for e in from_engines)
+
+    # engine.dtype=auto: bfloat16 only where the CPU computes it natively (workers/hardware.py).
+    (ready,) = [e for e in events if e["event"] == "engines_ready"]
+    assert ready["engine_dtype"] == ("torch.bfloat16" if bf16_native(torch.device("cpu")) else "torch.float32")
 
     steps = [e for e in events if e["event"] == "train_step"]
     assert [e[M.STEP] for e in steps] == [0, 1]

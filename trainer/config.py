@@ -118,8 +118,9 @@ class EngineConfig:
     """GPU ids for the engines, one engine per id; None: every GPU but the trainer's"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """engine weights and compute; "auto": vLLM's choice for the model and device
-    (bfloat16 here for a float32 model). The sync casts the policy to it; float32 makes
-    the engine's log-probs match the trainer's exactly on CPU, at about 2/3 the speed"""
+    (bfloat16 for a float32 model), but float32 on a CPU without native bfloat16
+    (workers/hardware.py). The sync casts the policy to it; float32 makes the engine's
+    log-probs match the trainer's exactly on CPU"""
     kvcache_gib: int = 1
     """KV cache per engine on CPU, in GiB (without a bound vLLM takes 92% of the RAM)"""
     max_num_seqs: int = 64

@@ -9,6 +9,7 @@ import structlog
 import torch
 from torch import Tensor
 
+from workers.hardware import bf16_native
 from workers.shm import SAFETENSORS_DTYPES, SHM_DIR, SharedWeights, SharedWeightsHandle, no_room
 
 log = structlog.get_logger(__name__)
@@ -201,18 +202,3 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, torch.d
     if name == "mixed":
         return torch.float32, torch.bfloat16
     return getattr(torch, name), None
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether `device` has bfloat16 arithmetic in hardware: a GPU that supports it, or
-    a CPU with AVX512-BF16 or AMX (elsewhere bfloat16 is emulated, slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})

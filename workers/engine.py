@@ -26,6 +26,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from workers.hardware import engine_dtype
 from workers.shm import SharedWeightsHandle
 from workers.weight_sync import SHM_BACKEND, WORKER_EXTENSION
 
@@ -333,7 +334,7 @@ def engine_kwargs(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         seed=seed,
-        dtype=dtype,
+        dtype=engine_dtype(dtype, on_cpu=current_platform.is_cpu()),
         logprobs_mode=logprobs_mode,
         device_ids=None if device_id is None else [device_id],
         gpu_memory_utilization=gpu_memory_utilization,

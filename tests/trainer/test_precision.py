@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import trainer.policy as policy_mod
+from workers import hardware
 from trainer import Trainer, TrainerConfig
 from trainer import metrics as M
 from trainer.loss import LossNorm
@@ -24,6 +25,15 @@ def test_trainer_dtype_resolves_to_weights_and_autocast(monkeypatch):
     assert resolve_dtype("auto", cpu) == (torch.float32, torch.bfloat16)
     monkeypatch.setattr(policy_mod, "bf16_native", lambda device: False)
     assert resolve_dtype("auto", cpu) == (torch.float32, None)
+
+
+def test_engine_dtype_auto_is_float32_on_a_cpu_that_emulates_bfloat16(monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_native", lambda device: False)
+    assert hardware.engine_dtype("auto", on_cpu=True) == "float32"
+    assert hardware.engine_dtype("auto", on_cpu=False) == "auto"  # a GPU: vLLM's choice
+    assert hardware.engine_dtype("bfloat16", on_cpu=True) == "bfloat16"  # asked for: kept
+    monkeypatch.setattr(hardware, "bf16_native", lambda device: True)
+    assert hardware.engine_dtype("auto", on_cpu=True) == "auto"
 
 
 def trainer_without_engines(tmp_path, tiny_model_path, *overrides):
