@@ -77,17 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, stop)
 
-        from transformers import AutoTokenizer
-
         from capacity import RolloutQueue
         from trainer.eval import Evaluator
-        from trainer.models import resolve_model_path
+        from trainer.models import load_tokenizer, resolve_model_path
         from trainer.trainer import build_engine
         from workers.supervisor import Supervisor
         from workers.worker import GenerationWorker
 
         model_path = resolve_model_path(cfg.model.path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        tokenizer = load_tokenizer(model_path)
         evaluator = Evaluator(cfg, tokenizer)
         devices = cfg.engine.devices
         if devices is None:

@@ -20,24 +20,32 @@ from workers.shm import PREFIX, SHM_DIR
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+# A small job whose steps all train (small=True, the default).
+SMALL_RUN = (
+    "algo.group_size=4", "algo.groups_per_step=2", "engine.max_model_len=512", "engine.max_num_seqs=16",
+    "run.steps=50",
+    # Varied rewards for a random model: every step really trains.
+    "task.name=python", "task.factory=tests.helpers:LetterTask",
+)
+
+
 class Run:
     """scripts/train.py in a subprocess, its JSON log lines read as they come. The
     script is a launcher: `children` are the PIDs of its training processes."""
 
-    def __init__(self, tmp_path, model_path, *overrides, env: dict | None = None):
+    def __init__(self, tmp_path, model_path, *overrides, env: dict | None = None, small: bool = True):
         cmd = [
             sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
             f"model.path={model_path}", f"run.output_dir={tmp_path / 'run'}", "log.level=DEBUG",
-            "algo.group_size=4", "algo.groups_per_step=2", "engine.max_model_len=512",
-            "engine.max_num_seqs=16", "run.steps=50",
-            # Varied rewards for a random model: every step really trains.
-            "task.name=python", "task.factory=tests.helpers:LetterTask", *overrides,
+            *(SMALL_RUN if small else ()), *overrides,
         ]
         self.stderr = open(tmp_path / "stderr.txt", "w")
+        self.started_at = time.time()  # comparable with event_time()
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+        self.exited_at: float | None = None  # set by finish()
         self.events: list[dict] = []
         self.children: list[int] = []  # training processes
         self.pids: list[int] = []  # every process of the run its log names: training, ranks, engines
@@ -81,6 +89,7 @@ class Run:
     def finish(self, timeout) -> int:
         try:
             rc = self.proc.wait(timeout)
+            self.exited_at = time.time()
         finally:
             if self.proc.poll() is None:
                 # The launcher, then its training processes (each in its own group).

@@ -87,6 +87,12 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     (ready,) = [e for e in events if e["event"] == "engines_ready"]
     assert ready["engine_dtype"] == ("torch.bfloat16" if bf16_native(torch.device("cpu")) else "torch.float32")
 
+    # Overlaps: the policy loads (`setup`) while the engine starts; at the end the engines
+    # stop while the final checkpoint and the model are written.
+    names = [e["event"] for e in events]
+    assert names.index("engine_starting") < names.index("setup") < names.index("engines_ready")
+    assert names.index("workers_stopping") < names.index("checkpoint_saved")
+
     steps = [e for e in events if e["event"] == "train_step"]
     assert [e[M.STEP] for e in steps] == [0, 1]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -361,6 +361,15 @@ def latest_valid_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | Non
 # ---- loading -----------------------------------------------------------------------------
 
 
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint (step, policy version, prompts), without its
+    weights: what a resumed run needs before its engines start."""
+    try:
+        return json.loads((pathlib.Path(path) / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"{TRAINER_STATE} does not load: {e}") from e
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module | None = None,

@@ -62,15 +62,27 @@ def check_model_dir(path: pathlib.Path) -> None:
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) from a prepared model directory, local files only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_model(path, device, dtype), load_tokenizer(path)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32):
+    """The causal LM of a prepared model directory, local files only."""
+    from transformers import AutoModelForCausalLM
 
     path = pathlib.Path(path)
     check_model_dir(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a prepared model directory, local files only."""
+    from transformers import AutoTokenizer
+
+    path = pathlib.Path(path)
+    check_model_dir(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _prepare_atomically(target: pathlib.Path, prepare: Callable[[pathlib.Path], None]) -> None:

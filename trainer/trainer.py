@@ -28,6 +28,7 @@ rollout wait or a micro-batch), without a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -50,7 +51,7 @@ from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
-from trainer.models import load_policy, resolve_model_path
+from trainer.models import load_model, load_tokenizer, resolve_model_path
 from trainer.policy import EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
@@ -64,6 +65,8 @@ from workers.supervisor import Supervisor
 from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
 
 log = structlog.get_logger(__name__)
+
+PLOT_TIMEOUT_S = 60.0  # the longest the end of a run waits for RUN_DIR/metrics.png
 
 
 class _StopRequested(Exception):
@@ -88,6 +91,9 @@ class Trainer:
         self.ranks = Ranks()  # joined in setup()
         self.stop_code = 0  # a follower rank: the exit code rank 0 gave it
         self.output_dir = pathlib.Path(cfg.run.output_dir)
+        self.device = resolve_device(cfg.trainer.device, self.local_rank)
+        self.dtype, self.autocast = resolve_dtype(cfg.trainer.dtype, self.device)
+        self.tokenizer = None  # loaded in setup()
         self.supervisor: Supervisor | None = None
         self.rewards: RewardPool | None = None
         self.engine_weights: EngineWeights | None = None  # rank 0, once the engines are up
@@ -131,20 +137,22 @@ class Trainer:
             check_trackers(cfg.log)
         torch.manual_seed(cfg.run.seed)
         self.model_path = resolve_model_path(cfg.model.path)
-        if self.task is None and main:
-            self.task = build_task(cfg.task, cfg.run.seed)
-        self._setup_policy()
         if not main:  # a follower: rank 0 says which checkpoint (if any) to load
+            self._setup_policy()
             checkpoint = self.ranks.receive()["checkpoint"]
             if checkpoint is not None:
                 ckpt.load_checkpoint(checkpoint, self.policy, self.optimizer, self.device)
             return
-        self.ranks.send("init", {"checkpoint": str(self.resumed_from) if self.resumed_from else None})
+        if self.task is None:
+            self.task = build_task(cfg.task, cfg.run.seed)
+        self.tokenizer = load_tokenizer(self.model_path)
 
         self.start_step, version, self.trained = 0, 0, TrainedPrompts()
         self._saved_step: int | None = None
         if self.resumed_from is not None:
-            self.start_step, version = self._resume(self.resumed_from)
+            state = ckpt.read_trainer_state(self.resumed_from)
+            self.start_step, version = int(state["step"]), int(state["policy_version"])
+            self.trained = TrainedPrompts.from_state(state["prompts"])
             self._saved_step = self.start_step
         self.step = self.start_step
         self._trim_metrics(self.output_dir / "metrics.jsonl", self.start_step)
@@ -163,6 +171,8 @@ class Trainer:
         self._complete = self.start_step >= cfg.run.steps
         if self._complete:
             log.info("run_already_complete", steps=self.start_step, checkpoint=str(self.resumed_from))
+            self._setup_policy()  # the other ranks join, then hear "stop"
+            self.ranks.send("init", {"checkpoint": None})
             return
         # Started in the background: a tracker's init (wandb's service) never delays the run.
         self.trackers = Trackers.start(
@@ -181,7 +191,6 @@ class Trainer:
         self.rewards = RewardPool(reward_spec(cfg.reward, self.task)).start()
         if cfg.eval.every or cfg.eval.before_train:  # its task and prompts fail here, not at step N
             self.evaluator = Evaluator(cfg, self.tokenizer, self.task if cfg.eval.task is None else None)
-
 
         count = len(engine_devices) if engine_devices else cfg.engine.count
         # Twice what fits in an engine's batch, so that vLLM refills the seat of a finished
@@ -207,9 +216,15 @@ class Trainer:
                 filter_zero_std=cfg.algo.filter_zero_std,
             )
 
+        # The engines start first, in their threads (tens of seconds: processes, imports,
+        # the model, the KV cache); the policy loads meanwhile.
         self.supervisor = Supervisor(self.queue, make_worker, count, hang_timeout_s=cfg.engine.hang_timeout_s)
         t0 = time.monotonic()
         self.supervisor.start()
+        self._setup_policy()
+        self.ranks.send("init", {"checkpoint": str(self.resumed_from) if self.resumed_from else None})
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
         self.supervisor.wait_ready(cfg.engine.start_timeout_s, health_check=self._check_waiting, open_gate=False)
         self.engine_dtype = self.supervisor.workers[0].engine.dtype
         self.engine_weights = EngineWeights(self.engine_dtype)
@@ -224,11 +239,10 @@ class Trainer:
         """Every rank: join the ranks, load the policy (and the reference), shard them,
         and make the optimizer (over this rank's shard)."""
         cfg = self.cfg
-        self.device = resolve_device(cfg.trainer.device, self.local_rank)
-        self.dtype, self.autocast = resolve_dtype(cfg.trainer.dtype, self.device)
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
-        self.policy, self.tokenizer = load_policy(self.model_path, self.device, self.dtype)
-        self.policy = self.ranks.shard(self.policy.train())
+        self.policy = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).train())
+        if self.tokenizer is None:  # rank 0 loaded it first, for the prompts
+            self.tokenizer = load_tokenizer(self.model_path)
         log.info(
             "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype),
             autocast=str(self.autocast) if self.autocast else None, pid=os.getpid(),
@@ -236,8 +250,7 @@ class Trainer:
         )
         self.reference = None  # the frozen initial policy, for algo.kl_coef
         if cfg.algo.kl_coef > 0:
-            self.reference, _ = load_policy(self.model_path, self.device, self.dtype)
-            self.reference = self.ranks.shard(self.reference.eval().requires_grad_(False))
+            self.reference = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).eval().requires_grad_(False))
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
         )
@@ -268,22 +281,18 @@ class Trainer:
             raise ConfigError(f"run.resume: {e}", key="run.resume") from e
         return pathlib.Path(resume)
 
-    def _resume(self, path: pathlib.Path) -> tuple[int, int]:
-        """Load the checkpoint into the policy, optimizer, prompt record and RNGs; returns
-        (step, policy version)."""
+    def _resume(self, path: pathlib.Path) -> None:
+        """Load the checkpoint's weights, optimizer state and RNGs (its trainer state was
+        read before the engines started)."""
         state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.device)
-        trainer_state = state["trainer_state"]
-        self.trained = TrainedPrompts.from_state(trainer_state["prompts"])
         ckpt.set_rng_state(state["rng"])
         changed = _changed_keys(state["config"], self.cfg.to_dict())
         if changed:
             log.warning("resume_config_changed", keys=changed)
-        step, version = int(trainer_state["step"]), int(trainer_state["policy_version"])
         log.info(
-            "resumed", checkpoint=str(path), checkpoint_step=step, policy_version=version,
+            "resumed", checkpoint=str(path), checkpoint_step=self.start_step, policy_version=self.queue.version,
             prompts_low_water=self.trained.low_water, prompts_above=len(self.trained.above),
         )
-        return step, version
 
     @staticmethod
     def _trim_metrics(path: pathlib.Path, start_step: int) -> None:
@@ -387,8 +396,15 @@ class Trainer:
                 structlog.contextvars.unbind_contextvars("step")
                 return self.history  # fit() writes the checkpoint
         structlog.contextvars.unbind_contextvars("step")
+        # The engines are done: they exit while the final checkpoint, the model and the
+        # plot are written (in a thread of its own, ~1-2 s of matplotlib); cleanup() joins.
+        self.supervisor.stop_workers()
+        plot = threading.Thread(target=contextvars.copy_context().run, args=(self._plot_metrics,), name="plot", daemon=True)
+        plot.start()
         self._save_final_model(self._save_checkpoint())
-        self._plot_metrics()
+        plot.join(PLOT_TIMEOUT_S)
+        if plot.is_alive():
+            log.warning("plot_failed", error_type="Timeout", error=f"not done after {PLOT_TIMEOUT_S:.0f} s")
         return self.history
 
     def _evaluate(self, metrics_file: M.MetricsFile) -> dict[str, Any]:

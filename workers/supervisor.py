@@ -90,6 +90,7 @@ class Supervisor:
         self._error: BaseException | None = None
         self._error_worker: GenerationWorker | None = None
         self._closed = False
+        self._stopping = False  # stop_workers() was called
         self._watchdog_stop = threading.Event()
         self.start_gate = threading.Event()  # set once every engine is up
         self.workers: list[GenerationWorker] = [
@@ -103,6 +104,7 @@ class Supervisor:
     def start(self) -> None:
         """Start every worker (each builds its engine) and the watchdog. Threads start
         under a copy of the caller's context, so bound log context (run_id) carries over."""
+        self._started_at = time.monotonic()
         for w in self.workers:
             w.start()
         ctx = contextvars.copy_context()
@@ -118,8 +120,9 @@ class Supervisor:
         worker error meanwhile, and whatever `health_check()` raises (called every 0.1 s).
 
         open_gate=False keeps generation from starting: the workers already apply their
-        inbox (e.g. `broadcast_weights` of a resumed policy), and `open_gate()` lets them go."""
-        deadline = time.monotonic() + timeout
+        inbox (e.g. `broadcast_weights` of a resumed policy), and `open_gate()` lets them go.
+        `timeout` counts from start(): the caller may have done other work meanwhile."""
+        deadline = self._started_at + timeout
         for w in self.workers:
             while not w.ready.wait(0.1):
                 self.check()
@@ -263,6 +266,25 @@ class Supervisor:
 
     # ---- stop -----------------------------------------------------------------------
 
+    def stop_workers(self, fast: bool = False) -> None:
+        """Close the queue and tell every worker to stop (each then shuts its engine
+        down in its own thread); returns at once. shutdown() joins them. A second call
+        does nothing."""
+        if self._stopping:
+            if fast:  # a failure while they stop: no graceful wait any more
+                for w in self.workers:
+                    w.stop(fast=True)
+            return
+        self._stopping = True
+        log.info("workers_stopping", fast=fast)
+        # The watchdog goes first: engines shutting down on purpose are not failures.
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(1.0)
+        self.queue.close(self._error)
+        for w in self.workers:
+            w.stop(fast=fast)
+
     def shutdown(self, timeout: float = 30.0, fast: bool = False) -> list[str]:
         """Close the queue, stop and join the workers (each shuts its engine down), stop
         the watchdog. Returns the names of threads that did not stop in time; their
@@ -271,13 +293,7 @@ class Supervisor:
         if self._closed:
             return []
         self._closed = True
-        # The watchdog goes first: engines shutting down on purpose are not failures.
-        self._watchdog_stop.set()
-        if self._watchdog is not None:
-            self._watchdog.join(1.0)
-        self.queue.close(self._error)
-        for w in self.workers:
-            w.stop(fast=fast)
+        self.stop_workers(fast)
         deadline = time.monotonic() + timeout
         stuck = []
         for w in self.workers:

@@ -238,6 +238,7 @@ class GenerationWorker(threading.Thread):
         structlog.contextvars.bind_contextvars(worker=self.name, engine=self.index)
         failed = False
         try:
+            log.info("engine_starting")
             self.engine = self._build_engine()
             self.ready.set()
             # Wait for the other engines, so that the first one up does not take every slot.
