@@ -39,21 +39,15 @@ from trainer import metrics as M  # noqa: E402
 from trainer.models import resolve_model_path  # noqa: E402
 
 
-def first_event(run: Run, name: str) -> dict:
-    """The run's first `name` event, seen already or awaited."""
-    seen = [e for e in run.events if e.get("event") == name]
-    return seen[0] if seen else run.wait_for(is_event(name), timeout=600)
-
-
 def one_run(model: str, steps: int, kill: bool) -> dict:
     """One run's timings, seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"run.steps={steps if not kill else 50}", "log.level=INFO"]
         run = Run(Path(tmp), resolve_model_path(model), *overrides, small=False)
         try:
-            ready = first_event(run, "engines_ready")
-            engine_pids = first_event(run, "worker_started")["engine_pids"]
-            first = first_event(run, "train_step")
+            ready = run.first(is_event("engines_ready"), timeout=600)
+            engine_pids = run.first(is_event("worker_started"), timeout=600)["engine_pids"]
+            first = run.first(is_event("train_step"), timeout=600)
             out = {"ready": event_time(ready) - run.started_at, "first": event_time(first) - run.started_at}
             if kill:
                 killed = time.time()

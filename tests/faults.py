@@ -77,6 +77,11 @@ class Run:
                 return event
         raise AssertionError(f"no expected event within {timeout}s; last: {self.events[-3:]}")
 
+    def first(self, pred, timeout=240.0) -> dict:
+        """The first event matching `pred`, whether already read or still to come."""
+        seen = next((e for e in self.events if pred(e)), None)
+        return seen if seen is not None else self.wait_for(pred, timeout)
+
     def _record(self, event: dict) -> None:
         self.events.append(event)
         if event.get("event") == "training_process_started":
@@ -192,8 +197,7 @@ def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float
     run = Run(workdir, model_path, *overrides)
     started = run.wait_for(is_event("worker_started"))
     engine_pids = started["engine_pids"]
-    if not any(trigger(e) for e in run.events):  # the main thread may have logged it first
-        run.wait_for(trigger)
+    run.first(trigger)  # the main thread may have logged it before worker_started
     time.sleep(delay)
     signalled_wall, signalled = time.time(), time.monotonic()
     os.kill(engine_pids[0], sig)  # EngineCore
