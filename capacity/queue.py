@@ -410,6 +410,11 @@ class RolloutQueue:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def batch_taken(self) -> bool:
+        """Whether get_batch has handed out a batch yet (since this queue was made)."""
+        return self._consumed > 0
+
     def close(self, cause: BaseException | None = None) -> None:
         """Wake every blocked acquire/get_batch; they and later calls raise QueueClosed."""
         with self._lock:

@@ -15,6 +15,7 @@ from tests.faults import REPO
 from tests.helpers import alive
 from trainer import metrics as M
 from workers.hardware import bf16_native
+from workers import shm
 from workers.shm import PREFIX, SHM_DIR
 
 pytestmark = pytest.mark.engine
@@ -36,6 +37,7 @@ def test_metric_names_have_one_home():
 
 def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     run_dir = tmp_path / "run"
+    segments_before = shm.segments()
     done = subprocess.run(
         [
             sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
@@ -109,9 +111,12 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(e["event"] == "metrics_plotted" and e["path"] == str(png) for e in events)
     assert events[-1]["event"] == "run_done"
-    # EngineCore and its worker exited by themselves within vLLM's shutdown wait
-    # (workers/vllm_plugin.py), not by its SIGKILL after 5 s.
+    # The engine's processes were killed at once by PID (Engine.shutdown), not by vLLM's
+    # SIGKILL 5 s after its SIGTERM; their shared memory went with them, and the
+    # resource tracker had nothing left to warn about.
     assert not [e for e in events if "force killing" in e["event"]]
+    assert not [line for line in done.stderr.splitlines() if "resource_tracker" in line]
     time.sleep(0.2)
     assert alive(engine_pids) == []
     assert not list(SHM_DIR.glob(f"{PREFIX}*")), "the weights' shared memory outlived the run"
+    assert shm.segments() - segments_before == set(), "the engine's shared memory outlived the run"

@@ -85,6 +85,33 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: modules of the classes it lists in
+    `_no_split_modules` (HF's name for them)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def check_in_blocks(model: torch.nn.Module, check: Callable[[], None]) -> None:
+    """Call `check()` as each transformer block starts its forward and its backward, so
+    that whatever it raises (a worker error, a second stop request) ends a training
+    micro-batch within one block: a micro-batch of a big model takes seconds to minutes,
+    and the trainer looks between micro-batches otherwise."""
+
+    def before_forward(module, args):
+        check()
+
+    def after_forward(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            # Fires when the gradient reaches this block's output: its backward starts.
+            hidden.register_hook(lambda grad: check())
+
+    for block in transformer_blocks(model):
+        block.register_forward_pre_hook(before_forward)
+        block.register_forward_hook(after_forward)
+
+
 def _prepare_atomically(target: pathlib.Path, prepare: Callable[[pathlib.Path], None]) -> None:
     # Build in a sibling temp dir and rename: a crash mid-way leaves only a `.tmp-*` dir,
     # never a half-written `target` that a later run would mistake for a prepared model.

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from trainer.errors import ConfigError
+from trainer.models import transformer_blocks
 
 RANKS_DIR_ENV = "RLT_RANKS_DIR"  # where ranks write their failure records
 _POLL_S = 0.5  # how often a waiting rank checks its peers
@@ -167,10 +168,8 @@ class Ranks:
             return model
         from torch.distributed.fsdp import fully_shard
 
-        blocks = set(getattr(model, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=self._mesh)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=self._mesh)
         fully_shard(model, mesh=self._mesh)
         return model
 

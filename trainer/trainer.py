@@ -51,7 +51,7 @@ from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
-from trainer.models import load_model, load_tokenizer, resolve_model_path
+from trainer.models import check_in_blocks, load_model, load_tokenizer, resolve_model_path
 from trainer.policy import EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
@@ -211,6 +211,7 @@ class Trainer:
                 sampling=sampling,
                 rewards=self.rewards,
                 max_groups_in_flight=groups_per_engine,
+                first_batch_share=-(-cfg.algo.groups_per_step // count),
                 on_error=on_error,
                 start_gate=start_gate,
                 filter_zero_std=cfg.algo.filter_zero_std,
@@ -241,6 +242,7 @@ class Trainer:
         cfg = self.cfg
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
         self.policy = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).train())
+        check_in_blocks(self.policy, self._check)  # a worker error or a stop ends a micro-batch early
         if self.tokenizer is None:  # rank 0 loaded it first, for the prompts
             self.tokenizer = load_tokenizer(self.model_path)
         log.info(
@@ -337,6 +339,8 @@ class Trainer:
             return self.history
         metrics_file = M.MetricsFile(self.output_dir / "metrics.jsonl")
         self._bar = StepBar(cfg.run.steps, self.start_step)
+        # matplotlib loads while the first batch is generated, not after the last step.
+        threading.Thread(target=_preload_plots, name="plot-preload", daemon=True).start()
         if self.evaluator is not None and cfg.eval.before_train:
             self._evaluate(metrics_file)
         tokens_before = self._generated_tokens()
@@ -759,13 +763,13 @@ class Trainer:
     # ---- cleanup ----------------------------------------------------------------------
 
     def cleanup(self, failing: bool = False) -> None:
-        """Stop the workers and engines (`failing`: without a graceful wait: the run is
-        ending on an error); groups generated but never trained on are discarded, which
-        returns their permits."""
+        """Stop the workers and engines (`failing`: the run is ending on an error, so
+        the trackers get a short wait); groups generated but never trained on are
+        discarded, which returns their permits."""
         if self._bar is not None:
             self._bar.close()
         if self.supervisor is not None:
-            self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s, fast=failing)
+            self.supervisor.shutdown(timeout=self.cfg.engine.shutdown_timeout_s)
         if self.rewards is not None:
             self.rewards.shutdown()  # kills reward processes; a stuck reward thread is a daemon
         if self.evaluator is not None:
@@ -847,6 +851,15 @@ def build_engine(cfg: TrainerConfig, model_path: str | os.PathLike, index: int, 
         dtype=cfg.engine.dtype,
         device_id=device_id,
     )
+
+
+def _preload_plots() -> None:
+    try:
+        from trainer.plots import preload
+
+        preload()
+    except Exception:  # noqa: BLE001 - matplotlib broken or missing: the plot at the end says so
+        pass
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from workers.hardware import engine_dtype
+from workers import shm
 from workers.shm import SharedWeightsHandle
 from workers.weight_sync import SHM_BACKEND, WORKER_EXTENSION
 
@@ -62,7 +63,8 @@ class _ClientInternals:
     vLLM 0.32, vllm/v1/engine/core_client.py (MPClient, SyncMPClient) and
     vllm/v1/engine/utils.py (CoreEngineProcManager):
       client.resources.engine_dead         set within ~40 ms by the client's monitor
-                                           thread when an EngineCore process dies
+                                           thread when an EngineCore process dies; set
+                                           by us before we kill the processes
       client.resources.engine_manager.processes
                                            the EngineCore multiprocessing.Process(es)
       client.outputs_queue                 LLMEngine.step() blocks in get() on it, with
@@ -92,6 +94,11 @@ class _ClientInternals:
 
     def engine_dead(self) -> bool:
         return bool(self._resources.engine_dead)
+
+    def mark_shutting_down(self) -> None:
+        """What vLLM's own shutdown does first (BackgroundResources.__call__): its
+        monitor thread then takes the processes' deaths as expected."""
+        self._resources.engine_dead = True
 
     def wake_threads_blocked(self) -> None:
         """Raise EngineDeadError in every thread blocked in step() or collective_rpc."""
@@ -163,6 +170,8 @@ class Engine:
         try:
             self._internals = _ClientInternals(self._llm.engine_core)
             self._processes = _with_descendants(self._internals.processes)
+            # Their message queues' shared memory, made at start: shutdown() removes it.
+            self._segments = shm.held_by(self.process_pids())
         except BaseException:
             self._llm.engine_core.shutdown()
             raise
@@ -290,29 +299,39 @@ class Engine:
         self._internals.wake_threads_blocked()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine and its processes within about `timeout` s; idempotent."""
+        """Stop the engine: SIGKILL its processes by PID, remove the shared memory they
+        leave, close vLLM's client; within about `timeout` s. Idempotent.
+
+        No graceful stop: the engine holds nothing the run still needs (its requests
+        are aborted or done, its weights are the trainer's), and vLLM's own stop, SIGTERM
+        then a wait, took 2.2 s for the tiny model here (#15), most of a run's ending.
+        """
         with self._shutdown_lock:
             if self._closed:
                 return
-            dead = not self.is_alive()
             self._closed = True
         deadline = time.monotonic() + timeout
-        # vLLM's own shutdown is bounded in normal cases; the thread makes sure a surprise
-        # cannot hold this call, and the processes are killed by PID below regardless.
+        pids = self.process_pids()
+        segments = self._segments | shm.held_by(pids)
+        # vLLM's monitor thread takes an engine process's death for a failure and logs
+        # it, unless the client is already marked as going down.
+        self._internals.mark_shutting_down()
+        alive = _signal_and_wait(self._processes, psutil.Process.kill, time.monotonic() + _KILL_WAIT_S)
+        if alive:
+            logger.error("engine %d: processes still alive after SIGKILL: %s", self.index, [p.pid for p in alive])
+        # The client's side (sockets, the process manager): quick once the processes are
+        # gone; in a thread, so that a surprise in vLLM cannot hold this call.
         stopper = threading.Thread(
-            target=self._llm.engine_core.shutdown, kwargs={"timeout": timeout / 2},
+            target=self._llm.engine_core.shutdown, kwargs={"timeout": 1.0},
             name=f"engine-{self.index}-shutdown", daemon=True,
         )
         stopper.start()
-        stopper.join(max(0.0, deadline - time.monotonic() - 1.0))
+        stopper.join(max(0.0, deadline - time.monotonic()))
         if stopper.is_alive():
-            logger.warning("engine %d: vLLM shutdown did not finish in time; killing its processes", self.index)
-        if dead:
-            # EngineCore is gone: what is left (its worker) has nothing to finish.
-            _signal_and_wait(self._processes, psutil.Process.kill, time.monotonic() + _KILL_WAIT_S)
-        else:
-            _terminate(self._processes, deadline)
+            logger.warning("engine %d: vLLM's client shutdown did not finish in time", self.index)
         self._internals.wake_threads_blocked()
+        removed = shm.release(segments)
+        logger.debug("engine %d: stopped; removed shared memory %s", self.index, removed)
 
 
 def engine_kwargs(
@@ -391,14 +410,6 @@ def _running(p: psutil.Process) -> bool:
 # worker holding GiBs took over 1 s on this 2-core machine under load. Returns at once
 # when they are gone.
 _KILL_WAIT_S = 5.0
-
-
-def _terminate(processes: list[psutil.Process], deadline: float) -> None:
-    """SIGTERM, then SIGKILL at the deadline, each by PID."""
-    alive = _signal_and_wait(processes, psutil.Process.terminate, deadline)
-    alive = _signal_and_wait(alive, psutil.Process.kill, time.monotonic() + _KILL_WAIT_S)
-    if alive:
-        logger.error("engine processes still alive after SIGKILL: %s", [p.pid for p in alive])
 
 
 def _signal_and_wait(processes: list[psutil.Process], send, deadline: float) -> list[psutil.Process]:

@@ -94,35 +94,82 @@ def sweep(owner: int, directory: pathlib.Path = SHM_DIR) -> list[str]:
     return removed
 
 
-# The POSIX shared memory of Python's multiprocessing.shared_memory, which vLLM's
-# message queues between the engine's processes use: /dev/shm/psm_<random>.
-FOREIGN_PREFIX = "psm_"
+# What Python's multiprocessing makes in /dev/shm, and vLLM's engine processes use:
+# shared memory for their message queues (psm_<random>) and named semaphores, such as
+# the lock its executor shares with its worker (sem.mp-<random>). A process that is
+# killed leaves them. glibc maps a semaphore under a temporary name, so the process's
+# maps show "sem.XXXXXX (deleted)" for a live sem.mp-<random>: files are matched to
+# what processes hold by inode, not by name.
+FOREIGN_PREFIXES = ("psm_", "sem.mp-")
 
 
 def segments(directory: pathlib.Path = SHM_DIR) -> set[str]:
-    """The names of the multiprocessing shared-memory segments there now."""
-    return {p.name for p in directory.glob(f"{FOREIGN_PREFIX}*")}
+    """The names of the multiprocessing segments there now."""
+    return set(_inodes(directory))
 
 
-def in_use(directory: pathlib.Path = SHM_DIR) -> set[str]:
-    """Names under `directory` that a live process maps or holds open (from /proc; a
-    process we may not inspect is skipped: its files are not ours to remove anyway)."""
-    prefix = f"{directory}/"
-    used = set()
-    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+def _inodes(directory: pathlib.Path) -> dict[str, int]:
+    """name -> inode of the multiprocessing segments in `directory`."""
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name: e.inode() for e in entries if e.name.startswith(FOREIGN_PREFIXES)}
+    except FileNotFoundError:
+        return {}
+
+
+def _held_inodes(proc: pathlib.Path, directory: pathlib.Path) -> set[int]:
+    """Inodes of the files under `directory` that the process at `proc` (/proc/<pid>)
+    maps or holds open; raises OSError if it is gone, or not ours to inspect."""
+    prefix, held = f"{directory}/", set()
+    for line in (proc / "maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[5].startswith(prefix):
+            held.add(int(fields[4]))
+    for fd in (proc / "fd").iterdir():
         try:
-            for line in (proc / "maps").read_text().splitlines():
-                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
-                path = fields[5] if len(fields) == 6 else ""
-                if path.startswith(prefix):
-                    used.add(path[len(prefix):].removesuffix(" (deleted)"))
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith(prefix):
-                    used.add(target[len(prefix):].removesuffix(" (deleted)"))
-        except OSError:  # gone meanwhile, or not ours
+            if os.readlink(fd).startswith(prefix):
+                held.add(os.stat(fd).st_ino)
+        except OSError:  # closed meanwhile
             continue
-    return used
+    return held
+
+
+def held_by(pids: list[int] | None = None, directory: pathlib.Path = SHM_DIR) -> set[str]:
+    """The multiprocessing segments in `directory` that the processes `pids` (None:
+    every live process we may inspect) map or hold open now."""
+    procs = pathlib.Path("/proc").glob("[0-9]*") if pids is None else [pathlib.Path(f"/proc/{p}") for p in pids]
+    held = set()
+    for proc in procs:
+        try:
+            held |= _held_inodes(proc, directory)
+        except OSError:  # gone meanwhile (it holds nothing now), or not ours
+            continue
+    return {name for name, inode in _inodes(directory).items() if inode in held}
+
+
+def release(names: set[str], directory: pathlib.Path = SHM_DIR) -> list[str]:
+    """Remove the multiprocessing segments `names` of engine processes we killed (and
+    that this process does not hold), and take them off the resource tracker that
+    those processes shared with this one, which would otherwise warn about each at exit
+    and try to unlink it again. Returns the names removed."""
+    from multiprocessing import resource_tracker
+
+    mine = held_by([os.getpid()], directory)  # not expected; never pull one from under us
+    removed = []
+    for name in sorted(names - mine):
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:  # its process removed it after all
+            pass
+        else:
+            removed.append(name)
+        # psm_x is tracked as "/psm_x"; sem.mp-x as "/mp-x". Register first: the
+        # tracker keeps a set, so register + unregister leaves it without the name
+        # whether or not it had it (a process that made it may have died before).
+        tracked, kind = ("/" + name, "shared_memory") if name.startswith("psm_") else ("/" + name[4:], "semaphore")
+        resource_tracker.register(tracked, kind)
+        resource_tracker.unregister(tracked, kind)
+    return removed
 
 
 def sweep_segments(before: set[str], directory: pathlib.Path = SHM_DIR) -> list[str]:
@@ -132,7 +179,7 @@ def sweep_segments(before: set[str], directory: pathlib.Path = SHM_DIR) -> list[
     new = sorted(segments(directory) - before)
     if not new:
         return []
-    used, uid, removed = in_use(directory), os.getuid(), []
+    used, uid, removed = held_by(None, directory), os.getuid(), []
     for name in new:
         path = directory / name
         try:

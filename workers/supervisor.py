@@ -266,34 +266,30 @@ class Supervisor:
 
     # ---- stop -----------------------------------------------------------------------
 
-    def stop_workers(self, fast: bool = False) -> None:
+    def stop_workers(self) -> None:
         """Close the queue and tell every worker to stop (each then shuts its engine
         down in its own thread); returns at once. shutdown() joins them. A second call
         does nothing."""
         if self._stopping:
-            if fast:  # a failure while they stop: no graceful wait any more
-                for w in self.workers:
-                    w.stop(fast=True)
             return
         self._stopping = True
-        log.info("workers_stopping", fast=fast)
+        log.info("workers_stopping")
         # The watchdog goes first: engines shutting down on purpose are not failures.
         self._watchdog_stop.set()
         if self._watchdog is not None:
             self._watchdog.join(1.0)
         self.queue.close(self._error)
         for w in self.workers:
-            w.stop(fast=fast)
+            w.stop()
 
-    def shutdown(self, timeout: float = 30.0, fast: bool = False) -> list[str]:
+    def shutdown(self, timeout: float = 30.0) -> list[str]:
         """Close the queue, stop and join the workers (each shuts its engine down), stop
         the watchdog. Returns the names of threads that did not stop in time; their
-        engines are shut down from here. A second call does nothing. `fast`: the run is
-        failing; engines get no graceful wait."""
+        engines are shut down from here. A second call does nothing."""
         if self._closed:
             return []
         self._closed = True
-        self.stop_workers(fast)
+        self.stop_workers()
         deadline = time.monotonic() + timeout
         stuck = []
         for w in self.workers:

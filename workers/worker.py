@@ -149,8 +149,7 @@ class _Scoring:
 
 
 class GenerationWorker(threading.Thread):
-    SHUTDOWN_S = 10.0  # engine shutdown bound after a clean stop
-    FAILED_SHUTDOWN_S = 2.0  # ... and after the engine failed
+    SHUTDOWN_S = 10.0  # engine shutdown bound (it kills the engine's processes)
     def __init__(
         self,
         index: int,
@@ -161,19 +160,24 @@ class GenerationWorker(threading.Thread):
         rewards: RewardPool,
         max_groups_in_flight: int,
         on_error: Callable[[GenerationWorker, BaseException], None],
+        first_batch_share: int | None = None,
         start_gate: threading.Event | None = None,
         poll_s: float = 0.05,
         filter_zero_std: bool = False,
     ):
         super().__init__(name=f"gen-{index}", daemon=True)
         self.index = index
-        self._fast_stop = False
         self._build_engine = build_engine
         self._queue = queue
         self._prompts = prompts
         self._sampling = sampling
         self._rewards = rewards
         self._max_groups = max(1, max_groups_in_flight)
+        # Until the trainer takes its first batch, generate at most this engine's share of
+        # it at once: every permit is free at the start, and an engine generating all of
+        # them side by side (decode cost grows with the batch on a CPU) delivers the first
+        # batch only when (max_staleness + 1) batches are nearly done.
+        self._first_batch_share = first_batch_share
         self._on_error = on_error
         self._start_gate = start_gate  # generation starts once it is set
         self._poll_s = poll_s
@@ -204,10 +208,8 @@ class GenerationWorker(threading.Thread):
         self._inbox.put(job)
         return job
 
-    def stop(self, fast: bool = False) -> None:
-        """Stop after the current engine step; `fast`: the run is failing, so the engine
-        gets the short shutdown of a failed one."""
-        self._fast_stop = self._fast_stop or fast
+    def stop(self) -> None:
+        """Stop after the current engine step (then shut the engine down)."""
         self._inbox.put(_STOP)
 
     def in_flight(self) -> int:
@@ -236,7 +238,6 @@ class GenerationWorker(threading.Thread):
 
     def _run(self) -> None:
         structlog.contextvars.bind_contextvars(worker=self.name, engine=self.index)
-        failed = False
         try:
             log.info("engine_starting")
             self.engine = self._build_engine()
@@ -267,16 +268,12 @@ class GenerationWorker(threading.Thread):
         except QueueClosed:
             pass  # shutdown, or another thread failed first: nothing to report from here
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, never swallowed
-            failed = True
             self._on_error(self, e)
         finally:
             self.ready.set()
             self._release_all(ReleaseReason.CANCELLED)
             if self.engine is not None:
-                # A failed engine (dead, or stopped and unable to act on SIGTERM) is not
-                # worth a graceful wait: its processes are killed by PID after this.
-                fast = failed or self._fast_stop
-                self.engine.shutdown(timeout=self.FAILED_SHUTDOWN_S if fast else self.SHUTDOWN_S)
+                self.engine.shutdown(timeout=self.SHUTDOWN_S)
             log.info("worker_stopped", **self.stats)
 
     def _apply_inbox(self) -> None:
@@ -304,7 +301,10 @@ class GenerationWorker(threading.Thread):
             if not self._eval_active:
                 time.sleep(self._poll_s)
             return bool(self._eval_active)
-        while len(self._active) < self._max_groups:
+        limit = self._max_groups
+        if self._first_batch_share is not None and not self._queue.batch_taken:
+            limit = min(limit, max(1, self._first_batch_share))
+        while len(self._active) < limit:
             # Block (briefly, so the inbox stays responsive) only when the engine is idle.
             slot = self._queue.acquire(timeout=0 if self._active or self._eval_active else self._poll_s)
             if slot is None:

