@@ -27,8 +27,6 @@ import tempfile
 import uuid
 
 SHM_DIR = pathlib.Path("/dev/shm")
-# Also fixes this process's tempfile directory before an engine build sets TMPDIR
-# (workers/engine.py imports this module): only the engine's processes see the change.
 TMP_DIR = pathlib.Path(tempfile.gettempdir())
 PREFIX = "rlt-"
 # Set by the launcher to its PID in the training process's environment (the ranks
