@@ -384,10 +384,8 @@ def launch(argv: list[str]) -> int:
         orphans = _kill_process_group(child.pid, launcher=os.getpid())
         # Only once nothing of the run is left: the weights' shared memory it did not
         # get to unlink (killed before every engine had mapped it), and vLLM's message
-        # queue segments (/dev/shm/psm_*) that its killed engine processes left, and the
-        # engines' scratch directories in /tmp (their sockets).
+        # queue segments (/dev/shm/psm_*) that its killed engine processes left.
         shm_removed = shm.sweep(os.getpid()) + shm.sweep_segments(segments_before)
-        shm_removed += shm.sweep(os.getpid(), shm.TMP_DIR)
         if relay is not None:  # the group is gone: the pipe is at its end
             relay.join(timeout=2.0)
             child.stderr.close()
@@ -398,7 +396,7 @@ def launch(argv: list[str]) -> int:
         if orphans:
             note(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}")
         if shm_removed:
-            note(f"train.py launcher: removed shared memory and scratch directories left by the training process {child.pid}: {shm_removed}")
+            note(f"train.py launcher: removed shared memory left by the training process {child.pid}: {shm_removed}")
         if signals:  # a stop was asked for: no restart
             return _stopped_code(signals[0]) if rc < 0 else rc
         if rc < 0:  # killed: it could not say why, so the launcher does
