@@ -83,9 +83,13 @@ def read_metrics(path: str | os.PathLike, evals: bool = False) -> list[dict[str,
 
 def preload() -> None:
     """Import matplotlib (about 1 s here) ahead of the end of a run, where plot_run
-    would otherwise pay it on the way out."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-    from matplotlib.figure import Figure  # noqa: F401
+    would otherwise pay it on the way out. Never raises: a broken or missing
+    matplotlib is reported by plot_run."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:

@@ -47,6 +47,7 @@ import torch
 from capacity import QueueClosed, RolloutQueue
 from trainer import checkpoint as ckpt
 from trainer import metrics as M
+from trainer import plots
 from trainer.config import TrainerConfig
 from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.eval import Evaluator
@@ -340,7 +341,7 @@ class Trainer:
         metrics_file = M.MetricsFile(self.output_dir / "metrics.jsonl")
         self._bar = StepBar(cfg.run.steps, self.start_step)
         # matplotlib loads while the first batch is generated, not after the last step.
-        threading.Thread(target=_preload_plots, name="plot-preload", daemon=True).start()
+        threading.Thread(target=plots.preload, name="plot-preload", daemon=True).start()
         if self.evaluator is not None and cfg.eval.before_train:
             self._evaluate(metrics_file)
         tokens_before = self._generated_tokens()
@@ -733,9 +734,7 @@ class Trainer:
     def _plot_metrics(self) -> None:
         """RUN_DIR/metrics.png (trainer/plots.py); a plot that fails never fails the run."""
         try:
-            from trainer.plots import plot_run
-
-            log.info("metrics_plotted", path=str(plot_run(self.output_dir)))
+            log.info("metrics_plotted", path=str(plots.plot_run(self.output_dir)))
         except Exception as e:  # noqa: BLE001 - the model and metrics are saved already
             log.warning("plot_failed", error_type=type(e).__name__, error=str(e))
 
@@ -851,15 +850,6 @@ def build_engine(cfg: TrainerConfig, model_path: str | os.PathLike, index: int, 
         dtype=cfg.engine.dtype,
         device_id=device_id,
     )
-
-
-def _preload_plots() -> None:
-    try:
-        from trainer.plots import preload
-
-        preload()
-    except Exception:  # noqa: BLE001 - matplotlib broken or missing: the plot at the end says so
-        pass
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ class GenerationWorker(threading.Thread):
         # it at once: every permit is free at the start, and an engine generating all of
         # them side by side (decode cost grows with the batch on a CPU) delivers the first
         # batch only when (max_staleness + 1) batches are nearly done.
-        self._first_batch_share = first_batch_share
+        self._first_batch_share = None if first_batch_share is None else max(1, first_batch_share)
         self._on_error = on_error
         self._start_gate = start_gate  # generation starts once it is set
         self._poll_s = poll_s
@@ -303,7 +303,7 @@ class GenerationWorker(threading.Thread):
             return bool(self._eval_active)
         limit = self._max_groups
         if self._first_batch_share is not None and not self._queue.batch_taken:
-            limit = min(limit, max(1, self._first_batch_share))
+            limit = min(limit, self._first_batch_share)
         while len(self._active) < limit:
             # Block (briefly, so the inbox stays responsive) only when the engine is idle.
             slot = self._queue.acquire(timeout=0 if self._active or self._eval_active else self._poll_s)
