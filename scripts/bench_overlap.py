@@ -1,6 +1,7 @@
-"""What asynchrony buys: step time against max_staleness, in simulation.
+"""What asynchrony buys: step time against max_staleness, in simulation and for real.
 
     python scripts/bench_overlap.py [--steps 30] [--train-s 0.1] [--ratios 0.5 1 2]
+    python scripts/bench_overlap.py --real [--model smollm2] [--steps 5] [--staleness 0 1]
 
 The engines and the training step are replaced by calibrated sleeps; everything else is
 the real thing: the RolloutQueue, GenerationWorker threads, the Supervisor (watchdog,
@@ -13,6 +14,16 @@ about 1.8x the mean for 8 groups) and training on it; an asynchronous one overla
 two, so its step time tends to the longer of the two alone. Reported per setting: step
 time relative to the synchronous run, the trainer's idle fraction (waiting for a
 batch), and the largest staleness seen, which must never exceed the bound.
+
+--real: scripts/train.py itself (real engine, real training) on the default job, once
+per max_staleness and per core layout: "shared" (as a user runs it: the engine's and the
+trainer's threads on every core) and "pinned" (the engine's threads on --engine-cores
+through VLLM_CPU_OMP_THREADS_BIND, the training process on --trainer-cores through its
+CPU affinity, which its threads inherit), the setting in which an accelerator-like
+split of the work shows what overlap buys. Step time is the median perf/step_s after
+step 0 (which has nothing to overlap); the cores each side ran on are read from /proc,
+not assumed. Step time also depends on how many rows train (rows of groups without
+reward spread are skipped), so the reward column says how alike the runs learned.
 """
 
 from __future__ import annotations
@@ -20,8 +31,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pathlib
 import random
+import statistics
 import sys
+import tempfile
 import threading
 import time
 
@@ -93,14 +107,99 @@ def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, 
     return total / steps, sum(waits) / total, max(staleness)
 
 
+def cores_of(pid: int) -> str:
+    """The CPUs the threads of a process may run on, e.g. "0" or "0-1" (from /proc;
+    the union over its threads)."""
+    found = set()
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found |= os.sched_getaffinity(int(task.name))
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            pass
+    return ",".join(map(str, sorted(found)))
+
+
+def real_run(model: str, max_staleness: int, steps: int, engine_cores: str | None, trainer_cores: set | None) -> dict:
+    """scripts/train.py on the default job; with cores given, the engine's threads and the
+    training process are bound to them."""
+    from tests.faults import Run, is_event
+    from trainer import metrics as M
+    from trainer.models import resolve_model_path
+
+    env = {"VLLM_CPU_OMP_THREADS_BIND": engine_cores} if engine_cores else {}
+    mine = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if trainer_cores:
+            os.sched_setaffinity(0, trainer_cores)  # the launcher, and so the training process, inherit it
+        try:
+            run = Run(pathlib.Path(tmp), resolve_model_path(model), f"run.steps={steps}", "log.level=INFO",
+                      f"algo.max_staleness={max_staleness}", env=env, small=False)
+        finally:
+            os.sched_setaffinity(0, mine)
+        try:
+            child = run.first(is_event("training_process_started"), timeout=600)["pid"]
+            engine = run.first(is_event("worker_started"), timeout=600)["engine_pids"][0]
+            run.first(is_event("train_step"), timeout=900)
+            placed = {"trainer": cores_of(child), "engine": cores_of(engine)}
+            rc = run.finish(timeout=300 + 120 * steps)
+            assert rc == 0, f"exit code {rc}; last events: {run.events[-3:]}"
+        finally:
+            if run.proc.poll() is None:
+                run.finish(timeout=1)
+    later = [e for e in run.events if e.get("event") == "train_step"][1:]
+    return {
+        **placed,
+        "step_s": statistics.median(e[M.PERF_STEP_S] for e in later),
+        "train_s": statistics.median(e[M.PERF_TRAIN_S] for e in later),
+        "idle": statistics.median(e[M.PERF_TRAINER_IDLE_FRAC] for e in later),
+        "reward": statistics.fmean(e[M.REWARD_MEAN] for e in later),
+        "staleness": max(e[M.STALENESS_MAX] for e in later),
+    }
+
+
+def real(args) -> None:
+    rows = []
+    for layout in args.layouts:
+        base = None
+        for k in args.staleness:
+            pinned = layout == "pinned"
+            r = real_run(args.model, k, args.steps, args.engine_cores if pinned else None,
+                         set(map(int, args.trainer_cores.split(","))) if pinned else None)
+            base = r["step_s"] if base is None else base
+            rows.append([
+                layout, r["engine"], r["trainer"], k, f"{r['step_s']:.1f}", f"{base / r['step_s']:.2f}x",
+                f"{r['train_s']:.1f}", f"{r['idle']:.2f}", f"{r['reward']:.2f}", r["staleness"],
+            ])
+            print(rows[-1], flush=True)
+    record(
+        "bench_overlap_real",
+        f"scripts/train.py, model {args.model}, the default job, {args.steps} steps; medians of the steps after "
+        "step 0; speed-up against the layout's first max_staleness\n\n"
+        + table(
+            ["layout", "engine cores", "trainer cores", "max_staleness", "step s", "speed-up",
+             "train s", "trainer idle frac", "reward mean", "max staleness seen"],
+            rows,
+        ),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--real", action="store_true", help="the real scripts/train.py instead of the simulation")
+    p.add_argument("--model", default="smollm2", help="--real: the model")
+    p.add_argument("--layouts", nargs="+", default=["pinned", "shared"], choices=["pinned", "shared"])
+    p.add_argument("--engine-cores", default="0", help="--real, pinned: VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument("--trainer-cores", default="1", help="--real, pinned: the training process's CPUs")
+    p.add_argument("--steps", type=int, default=None, help="default: 30; --real: 5")
     p.add_argument("--train-s", type=float, default=0.1)
     p.add_argument("--groups-per-step", type=int, default=8)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="generation/training time")
-    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--staleness", type=int, nargs="+", default=None, help="default: 0-4; --real: 0 1")
     args = p.parse_args()
+    if args.real:
+        args.staleness, args.steps = args.staleness or [0, 1], args.steps or 5
+        return real(args)
+    args.staleness, args.steps = args.staleness or [0, 1, 2, 3, 4], args.steps or 30
     quiet()
     rows = []
     for ratio in args.ratios:

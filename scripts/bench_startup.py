@@ -11,7 +11,9 @@ runs count for the first two columns too):
 * start to first step: -> the first `train_step` event; beside it the engines-ready time
   plus one step (the median `perf/step_s` of the later steps), the goal
 * last step to exit: the last `train_step` event -> the launcher exited (the final
-  checkpoint, RUN_DIR/model, the plot, the engines' shutdown, the processes' teardown)
+  checkpoint, RUN_DIR/model, the plot, the engines' shutdown, the processes' teardown);
+  beside it, the final checkpoint's own write (its `checkpoint_saved` seconds: model and
+  optimizer state, fsynced), which the disk's speed bounds
 * SIGKILL of EngineCore to exit: the signal -> the launcher exited (exit code 1)
 
 Goals (issue #15): last step to exit under 2 s; SIGKILL to exit under 3 s; first step
@@ -61,6 +63,7 @@ def one_run(model: str, steps: int, kill: bool) -> dict:
                 step_events = [e for e in run.events if e.get("event") == "train_step"]
                 out["exit"] = run.exited_at - event_time(step_events[-1])
                 out["step"] = statistics.median(e[M.PERF_STEP_S] for e in step_events[1:])
+                out["checkpoint"] = [e for e in run.events if e.get("event") == "checkpoint_saved"][-1]["seconds"]
             time.sleep(0.2)
             assert not alive(engine_pids), f"engine processes {alive(engine_pids)} outlived the run"
             return out
@@ -90,7 +93,7 @@ def main() -> None:
 
         rows.append([
             model, f"{med('ready'):.1f}", f"{med('first'):.1f}", f"{med('ready') + med('step'):.1f}",
-            f"{med('step'):.1f}", f"{med('exit'):.2f}", f"{med('kill_exit'):.2f}",
+            f"{med('step'):.1f}", f"{med('exit'):.2f}", f"{med('checkpoint'):.2f}", f"{med('kill_exit'):.2f}",
         ])
     record(
         "bench_startup",
@@ -98,7 +101,8 @@ def main() -> None:
         "the first step; the default job otherwise\n\n"
         + table(
             ["model", "start to engines ready s", "start to first step s", "goal: ready + one step s",
-             "step s (median)", "last step to exit s", "SIGKILL of EngineCore to exit s"],
+             "step s (median)", "last step to exit s", "of it, the final checkpoint s",
+             "SIGKILL of EngineCore to exit s"],
             rows,
         ),
     )

@@ -384,8 +384,10 @@ def launch(argv: list[str]) -> int:
         orphans = _kill_process_group(child.pid, launcher=os.getpid())
         # Only once nothing of the run is left: the weights' shared memory it did not
         # get to unlink (killed before every engine had mapped it), and vLLM's message
-        # queue segments (/dev/shm/psm_*) that its killed engine processes left.
+        # queue segments (/dev/shm/psm_*) that its killed engine processes left; and the
+        # engines' scratch directories in /tmp (their sockets, torch's FileStore).
         shm_removed = shm.sweep(os.getpid()) + shm.sweep_segments(segments_before)
+        tmp_removed = shm.sweep(os.getpid(), shm.TMP_DIR)
         if relay is not None:  # the group is gone: the pipe is at its end
             relay.join(timeout=2.0)
             child.stderr.close()
@@ -397,6 +399,8 @@ def launch(argv: list[str]) -> int:
             note(f"train.py launcher: killed processes left by the training process {child.pid}: {orphans}")
         if shm_removed:
             note(f"train.py launcher: removed shared memory left by the training process {child.pid}: {shm_removed}")
+        if tmp_removed:
+            note(f"train.py launcher: removed scratch directories left by the training process {child.pid}: {tmp_removed}")
         if signals:  # a stop was asked for: no restart
             return _stopped_code(signals[0]) if rc < 0 else rc
         if rc < 0:  # killed: it could not say why, so the launcher does
@@ -404,7 +408,7 @@ def launch(argv: list[str]) -> int:
             log.error(
                 "run_failed", error_type="ProcessKilled", error=f"the training process {child.pid} was killed by {name}",
                 signal=name, worker=None, engine=None, step=None, pid=child.pid, orphans_killed=orphans,
-                shm_removed=shm_removed, will_restart=restarts < args.max_restarts,
+                shm_removed=shm_removed, tmp_removed=tmp_removed, will_restart=restarts < args.max_restarts,
             )
             rc = ExitCode.FATAL
         if rc != ExitCode.FATAL or restarts >= args.max_restarts:

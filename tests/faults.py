@@ -15,7 +15,7 @@ import threading
 import time
 
 from tests.helpers import alive
-from workers.shm import PREFIX, SHM_DIR
+from workers.shm import PREFIX, SHM_DIR, TMP_DIR
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,10 @@ class Run:
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
-    def shm_left(self) -> list[str]:
-        """The weights' shared-memory files of this run still in /dev/shm (named after
-        the launcher: workers/shm.py)."""
-        return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{self.proc.pid}-*"))
+    def files_left(self) -> list[str]:
+        """The files of this run still there, named after the launcher (workers/shm.py):
+        the weights' shared memory in /dev/shm, the engines' scratch directories in /tmp."""
+        return sorted(p.name for d in (SHM_DIR, TMP_DIR) for p in d.glob(f"{PREFIX}{self.proc.pid}-*"))
 
     def _read(self):
         for line in self.proc.stdout:
@@ -92,9 +92,12 @@ class Run:
             self.pids.extend(event["engine_pids"])
 
     def finish(self, timeout) -> int:
+        rc = None
         try:
             rc = self.proc.wait(timeout)
             self.exited_at = time.time()
+        except subprocess.TimeoutExpired:
+            pass  # killed below; the log read to its end says where it was
         finally:
             if self.proc.poll() is None:
                 # The launcher, then its training processes (each in its own group).
@@ -117,6 +120,8 @@ class Run:
                 break
             self._record(json.loads(line))
         self.stderr.close()
+        if rc is None:
+            raise AssertionError(f"the run did not exit within {timeout} s; last: {self.events[-5:]}")
         return rc
 
 
@@ -184,7 +189,7 @@ class FaultResult:
     detect_s: float | None  # signal to the worker_failed event
     events: list[dict]
     leftover_pids: list[int]  # processes of the run alive after it exited
-    shm_left: list[str]  # the run's shared-memory files left in /dev/shm
+    files_left: list[str]  # the run's files left: shared memory in /dev/shm, scratch dirs in /tmp
 
     @property
     def last(self) -> dict:
@@ -211,4 +216,4 @@ def inject(scenario: str, workdir: pathlib.Path, model_path, exit_limit_s: float
             os.kill(pid, signal.SIGKILL)
     failed = [e for e in run.events if e.get("event") == "worker_failed"]
     detect_s = event_time(failed[0]) - signalled_wall if failed else None
-    return FaultResult(scenario, rc, exit_s, detect_s, run.events, leftovers, run.shm_left())
+    return FaultResult(scenario, rc, exit_s, detect_s, run.events, leftovers, run.files_left())

@@ -2,6 +2,8 @@
 
 import asyncio
 import math
+import os
+import stat
 import threading
 import time
 
@@ -46,6 +48,21 @@ def alive(pids) -> list[int]:
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 found.append(pid)
         except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def tmp_leftovers() -> set[str]:
+    """What a vLLM engine can leave in the temporary directory: its ZeroMQ sockets,
+    torch's FileStore (vllm_dist_*), our scratch directories (rlt-*)."""
+    from workers.shm import PREFIX, TMP_DIR
+
+    found = set()
+    for entry in os.scandir(TMP_DIR):
+        try:
+            if entry.name.startswith(("vllm_dist_", PREFIX)) or stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                found.add(entry.name)
+        except FileNotFoundError:
             pass
     return found
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.faults import REPO
-from tests.helpers import alive
+from tests.helpers import alive, tmp_leftovers
 from trainer import metrics as M
 from workers.hardware import bf16_native
 from workers import shm
@@ -37,7 +37,7 @@ def test_metric_names_have_one_home():
 
 def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     run_dir = tmp_path / "run"
-    segments_before = shm.segments()
+    segments_before, tmp_before = shm.segments(), tmp_leftovers()
     done = subprocess.run(
         [
             sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json",
@@ -120,3 +120,4 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     assert alive(engine_pids) == []
     assert not list(SHM_DIR.glob(f"{PREFIX}*")), "the weights' shared memory outlived the run"
     assert shm.segments() - segments_before == set(), "the engine's shared memory outlived the run"
+    assert tmp_leftovers() - tmp_before == set(), "the engine's sockets or FileStore outlived the run"

@@ -24,7 +24,7 @@ def test_sigkill_engine_core_exits_1_with_run_failed(tmp_path, tiny_model_path, 
     assert r.last["exception"][0]["exc_type"] == "EngineDeadError"
     assert r.detect_s is not None and r.detect_s < r.exit_s
     assert r.leftover_pids == []
-    assert r.shm_left == []
+    assert r.files_left == []
     if scenario == "kill_in_eval":  # the main thread was waiting for eval results, not a batch
         assert not any(e["event"] == "train_step" for e in r.events)
 
@@ -38,4 +38,4 @@ def test_sigstop_engine_core_is_a_hang(tmp_path, tiny_model_path):
     assert {"MainThread", "gen-0"} <= {e["thread_name"] for e in stacks}
     assert all(isinstance(e["stack"], list) and e["stack"] for e in stacks)
     assert r.leftover_pids == []
-    assert r.shm_left == []
+    assert r.files_left == []

@@ -94,7 +94,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
         assert [e["event"] for e in run.events].count("run_failed") == 1
         assert exit_wall - since < FAULT_TO_EXIT_LIMIT_S
         assert alive([run.proc.pid, *run.pids]) == []
-        assert run.shm_left() == []
+        assert run.files_left() == []
         return last
 
     def check_stopped(run):
@@ -104,7 +104,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
         assert last["checkpoint"] == str(run_dir / "checkpoints" / f"step-{last['step']:08d}")
         ckpt.verify_checkpoint(last["checkpoint"])
         assert alive([run.proc.pid, *run.pids]) == []
-        assert run.shm_left() == []
+        assert run.files_left() == []
         return last
 
     # 1. SIGKILL of the training process (not the launcher), after checkpoint 2.
@@ -120,7 +120,9 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     # The launcher killed the engine the dead trainer left behind; nothing survives.
     assert set(engine_pids) <= set(last["orphans_killed"])
     assert alive([first.proc.pid, child, *engine_pids]) == []
-    assert first.shm_left() == []
+    # The killed engine's scratch directory (its sockets) was the launcher's to remove.
+    assert [name.split("-")[3] for name in last["tmp_removed"]] == ["engine0"], last["tmp_removed"]
+    assert first.files_left() == []
     # vLLM's message-queue segments (/dev/shm/psm_*): whatever its SIGKILLed processes
     # could not unlink, the launcher removed; /dev/shm is as it was before the run.
     assert shm.segments() == segments_before
@@ -197,7 +199,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     resumed = [e["checkpoint_step"] for e in seventh.events if e["event"] == "resumed"]
     assert resumed[0] == n and len(resumed) == 2 and resumed[1] > n
     assert len(seventh.children) == 2 and alive([seventh.proc.pid, *seventh.pids]) == []
-    assert seventh.shm_left() == []
+    assert seventh.files_left() == []
     assert names[-1] == "run_done"
     (final,) = [e for e in seventh.events if e["event"] == "capacity_final" and e["closed"]][-1:]
     assert final["in_flight"] == 0 and final["queued"] == 0 and final["free"] == final["permits"]

@@ -10,9 +10,11 @@ the engine died.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,8 +35,37 @@ from workers.weight_sync import SHM_BACKEND, WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
 
-# vLLM edits os.environ while it builds an engine, and so do we (the KV cache size).
+# vLLM edits os.environ while it builds an engine, and so do we (the KV cache size,
+# the scratch directory).
 _BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """os.environ with `values` set, restored after: what the engine processes, spawned
+    meanwhile, inherit. Under _BUILD_LOCK."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _scratch_environ(scratch: str) -> dict[str, str]:
+    """Where a killed engine's leftovers in /tmp go instead: the ZeroMQ sockets its client
+    binds here (VLLM_RPC_BASE_PATH) and torch's FileStore that EngineCore makes
+    (tempfile's TMPDIR). Torch's compile cache keeps its usual place, shared by runs."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return {
+        "VLLM_RPC_BASE_PATH": scratch, "TMPDIR": scratch,
+        "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(),
+    }
 
 
 @dataclass
@@ -157,16 +188,16 @@ class Engine:
         self._shutdown_lock = threading.Lock()
         self._closed = False
         started = time.monotonic()
-        with _BUILD_LOCK:
-            saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kvcache_gib)  # read on CPU only
-            try:
+        self._scratch = shm.scratch_dir(f"engine{index}")
+        try:
+            with _BUILD_LOCK, _environ(
+                VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib),  # read on CPU only
+                **_scratch_environ(str(self._scratch)),
+            ):
                 self._llm = LLMEngine.from_engine_args(args, enable_multiprocessing=True)
-            finally:
-                if saved is None:
-                    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-                else:
-                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+        except BaseException:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
         try:
             self._internals = _ClientInternals(self._llm.engine_core)
             self._processes = _with_descendants(self._internals.processes)
@@ -174,6 +205,7 @@ class Engine:
             self._segments = shm.held_by(self.process_pids())
         except BaseException:
             self._llm.engine_core.shutdown()
+            shutil.rmtree(self._scratch, ignore_errors=True)
             raise
         self.dtype: torch.dtype = self._llm.model_config.dtype
         self.start_seconds = time.monotonic() - started
@@ -331,6 +363,7 @@ class Engine:
             logger.warning("engine %d: vLLM's client shutdown did not finish in time", self.index)
         self._internals.wake_threads_blocked()
         removed = shm.release(segments)
+        shutil.rmtree(self._scratch, ignore_errors=True)
         logger.debug("engine %d: stopped; removed shared memory %s", self.index, removed)
 
 

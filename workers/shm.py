@@ -9,6 +9,10 @@ engine has mapped it: from then on the memory lives only in the mappings and goe
 with the last process that holds one, however it ends. What a kill between creation and
 unlink leaves behind is named after the launcher (`rlt-<owner pid>-...`), which removes
 it when the training process has ended (`sweep`).
+
+The same naming covers each engine's scratch directory in the temporary directory
+(`scratch_dir`), where its processes put what vLLM leaves in /tmp when they are killed:
+the ZeroMQ sockets (ipc://) and torch's FileStore (vllm_dist_*).
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ import errno
 import mmap
 import os
 import pathlib
+import shutil
+import tempfile
 import uuid
 
 SHM_DIR = pathlib.Path("/dev/shm")
+# Also fixes this process's tempfile directory before an engine build sets TMPDIR
+# (workers/engine.py imports this module): only the engine's processes see the change.
+TMP_DIR = pathlib.Path(tempfile.gettempdir())
 PREFIX = "rlt-"
 # Set by the launcher to its PID in the training process's environment (the ranks
 # inherit it): every file of the run starts with rlt-<that pid>-.
@@ -46,8 +55,7 @@ class SharedWeights:
     sparse tmpfs file that has run out of room would kill the process with SIGBUS)."""
 
     def __init__(self, size: int, tensors: int, directory: pathlib.Path = SHM_DIR):
-        owner = os.environ.get(OWNER_ENV) or str(os.getpid())
-        self.path = directory / f"{PREFIX}{owner}-{os.getpid()}-{uuid.uuid4().hex[:8]}-weights"
+        self.path = directory / f"{_run_prefix()}{uuid.uuid4().hex[:8]}-weights"
         self.size, self.tensors = size, tensors
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -77,17 +85,32 @@ class SharedWeights:
         unmap(self.buffer)
 
 
+def _run_prefix() -> str:
+    owner = os.environ.get(OWNER_ENV) or str(os.getpid())
+    return f"{PREFIX}{owner}-{os.getpid()}-"
+
+
+def scratch_dir(label: str, directory: pathlib.Path = TMP_DIR) -> pathlib.Path:
+    """A new private directory for the run's files outside /dev/shm; the caller
+    removes it (shutil.rmtree), `sweep` does if the process was killed first."""
+    return pathlib.Path(tempfile.mkdtemp(prefix=f"{_run_prefix()}{label}-", dir=directory))
+
+
 def no_room(error: OSError) -> bool:
     """Whether an error from SharedWeights() means /dev/shm is too small (or absent)."""
     return error.errno in (errno.ENOSPC, errno.ENOENT, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def sweep(owner: int, directory: pathlib.Path = SHM_DIR) -> list[str]:
-    """Remove the files of the run whose launcher is `owner`; returns their names."""
+    """Remove the files and scratch directories of the run whose launcher is `owner`;
+    returns their names."""
     removed = []
     for path in sorted(directory.glob(f"{PREFIX}{owner}-*")):
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path.name)
         except FileNotFoundError:
             pass

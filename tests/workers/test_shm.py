@@ -48,6 +48,18 @@ def test_sweep_removes_only_the_owners_files(tmp_path):
     assert shm.sweep(17, directory=tmp_path) == []
 
 
+def test_a_scratch_dir_is_named_after_the_run_and_swept_with_what_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv(shm.OWNER_ENV, "4243")
+    scratch = shm.scratch_dir("engine0", directory=tmp_path)
+    assert scratch.is_dir() and scratch.name.startswith(f"{shm.PREFIX}4243-{os.getpid()}-engine0-")
+    (scratch / "vllm_dist_x").write_bytes(b"x")  # what a killed EngineCore leaves
+    other = shm.scratch_dir("engine1", directory=tmp_path)
+    monkeypatch.setenv(shm.OWNER_ENV, "42430")
+    foreign = shm.scratch_dir("engine0", directory=tmp_path)
+    assert shm.sweep(4243, directory=tmp_path) == sorted([scratch.name, other.name])
+    assert list(tmp_path.iterdir()) == [foreign]
+
+
 def test_no_room_is_an_error_that_leaves_no_file(tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
