@@ -17,12 +17,13 @@ batch), and the largest staleness seen, which must never exceed the bound.
 
 --real: scripts/train.py itself (real engine, real training) on the default job, once
 per max_staleness and per core layout: "shared" (as a user runs it: the engine's and the
-trainer's threads on every core) and "pinned" (the engine's threads on --engine-cores
-through VLLM_CPU_OMP_THREADS_BIND, the training process on --trainer-cores through its
-CPU affinity, which its threads inherit), the setting in which an accelerator-like
-split of the work shows what overlap buys. Step time is the median perf/step_s after
-step 0 (which has nothing to overlap); the cores each side ran on are read from /proc,
-not assumed. Step time also depends on how many rows train (rows of groups without
+trainer's threads on every core) and "pinned" (once the engine has started, its
+processes on --engine-cores and the training process on --trainer-cores, by CPU
+affinity, each with one OpenMP/torch thread): each side has
+its own core, as the engine and the trainer have their own devices on a GPU node, and
+overlap can show what it buys. Step time is the median perf/step_s after step 0 (which
+has nothing to overlap); the cores each side's busiest thread ran on are read from
+/proc, not assumed. Step time also depends on how many rows train (rows of groups without
 reward spread are skipped), so the reward column says how alike the runs learned.
 """
 
@@ -107,40 +108,54 @@ def simulate(max_staleness: int, gen_mean_s: float, train_s: float, steps: int, 
     return total / steps, sum(waits) / total, max(staleness)
 
 
-def cores_of(pid: int) -> str:
-    """The CPUs the threads of a process may run on, e.g. "0" or "0-1" (from /proc;
-    the union over its threads)."""
-    found = set()
+def busiest_cores(pid: int) -> str:
+    """The CPUs that the process's busiest thread (most CPU time so far) may run on,
+    e.g. "0": where its compute ran (from /proc)."""
+    best, cores = -1, set()
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
         try:
-            found |= os.sched_getaffinity(int(task.name))
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu_time = int(fields[11]) + int(fields[12])  # utime + stime
+            if cpu_time > best:
+                best, cores = cpu_time, os.sched_getaffinity(int(task.name))
+        except (OSError, IndexError):
             pass
-    return ",".join(map(str, sorted(found)))
+    return ",".join(map(str, sorted(cores)))
 
 
-def real_run(model: str, max_staleness: int, steps: int, engine_cores: str | None, trainer_cores: set | None) -> dict:
-    """scripts/train.py on the default job; with cores given, the engine's threads and the
-    training process are bound to them."""
+def pin(pid: int, cores: set) -> None:
+    """Every thread of the process onto `cores`; threads it starts later inherit it."""
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+
+
+def real_run(model: str, max_staleness: int, steps: int, engine_cores: set | None, trainer_cores: set | None) -> dict:
+    """scripts/train.py on the default job; with cores given, once the engine has started
+    its processes are pinned to engine_cores and the training process to trainer_cores,
+    each side with one OpenMP/torch thread (OMP_NUM_THREADS=1)."""
     from tests.faults import Run, is_event
     from trainer import metrics as M
     from trainer.models import resolve_model_path
 
-    env = {"VLLM_CPU_OMP_THREADS_BIND": engine_cores} if engine_cores else {}
-    mine = os.sched_getaffinity(0)
+    env = {"OMP_NUM_THREADS": "1"} if engine_cores else {}
     with tempfile.TemporaryDirectory() as tmp:
-        if trainer_cores:
-            os.sched_setaffinity(0, trainer_cores)  # the launcher, and so the training process, inherit it
-        try:
-            run = Run(pathlib.Path(tmp), resolve_model_path(model), f"run.steps={steps}", "log.level=INFO",
-                      f"algo.max_staleness={max_staleness}", env=env, small=False)
-        finally:
-            os.sched_setaffinity(0, mine)
+        run = Run(pathlib.Path(tmp), resolve_model_path(model), f"run.steps={steps}", "log.level=INFO",
+                  f"algo.max_staleness={max_staleness}", env=env, small=False)
         try:
             child = run.first(is_event("training_process_started"), timeout=600)["pid"]
-            engine = run.first(is_event("worker_started"), timeout=600)["engine_pids"][0]
-            run.first(is_event("train_step"), timeout=900)
-            placed = {"trainer": cores_of(child), "engine": cores_of(engine)}
+            # Pinned once the engine exists: its processes, spawned by the training
+            # process, would otherwise inherit the trainer's cores. (vLLM's own
+            # VLLM_CPU_OMP_THREADS_BIND applies to its multiprocess executor only.)
+            engines = run.first(is_event("worker_started"), timeout=600)["engine_pids"]
+            if engine_cores:
+                for pid in engines:
+                    pin(pid, engine_cores)
+                pin(child, trainer_cores)
+            run.first(lambda e: e.get("event") == "train_step" and e.get("step") == min(1, steps - 1), timeout=900)
+            placed = {"trainer": busiest_cores(child), "engine": busiest_cores(engines[0])}
             rc = run.finish(timeout=300 + 120 * steps)
             assert rc == 0, f"exit code {rc}; last events: {run.events[-3:]}"
         finally:
@@ -157,14 +172,18 @@ def real_run(model: str, max_staleness: int, steps: int, engine_cores: str | Non
     }
 
 
+def cores(text: str) -> set[int]:
+    return {int(c) for c in text.split(",")}
+
+
 def real(args) -> None:
     rows = []
     for layout in args.layouts:
         base = None
         for k in args.staleness:
             pinned = layout == "pinned"
-            r = real_run(args.model, k, args.steps, args.engine_cores if pinned else None,
-                         set(map(int, args.trainer_cores.split(","))) if pinned else None)
+            r = real_run(args.model, k, args.steps, cores(args.engine_cores) if pinned else None,
+                         cores(args.trainer_cores) if pinned else None)
             base = r["step_s"] if base is None else base
             rows.append([
                 layout, r["engine"], r["trainer"], k, f"{r['step_s']:.1f}", f"{base / r['step_s']:.2f}x",
@@ -188,8 +207,8 @@ def main() -> None:
     p.add_argument("--real", action="store_true", help="the real scripts/train.py instead of the simulation")
     p.add_argument("--model", default="smollm2", help="--real: the model")
     p.add_argument("--layouts", nargs="+", default=["pinned", "shared"], choices=["pinned", "shared"])
-    p.add_argument("--engine-cores", default="0", help="--real, pinned: VLLM_CPU_OMP_THREADS_BIND")
-    p.add_argument("--trainer-cores", default="1", help="--real, pinned: the training process's CPUs")
+    p.add_argument("--engine-cores", default="0", help="--real, pinned: the engine processes' CPUs, e.g. 0")
+    p.add_argument("--trainer-cores", default="1", help="--real, pinned: the training process's CPUs, e.g. 1")
     p.add_argument("--steps", type=int, default=None, help="default: 30; --real: 5")
     p.add_argument("--train-s", type=float, default=0.1)
     p.add_argument("--groups-per-step", type=int, default=8)

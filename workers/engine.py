@@ -57,15 +57,13 @@ def _environ(**values: str):
 
 
 def _scratch_environ(scratch: str) -> dict[str, str]:
-    """Where a killed engine's leftovers in /tmp go instead: the ZeroMQ sockets its client
-    binds here (VLLM_RPC_BASE_PATH) and torch's FileStore that EngineCore makes
-    (tempfile's TMPDIR). Torch's compile cache keeps its usual place, shared by runs."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    return {
-        "VLLM_RPC_BASE_PATH": scratch, "TMPDIR": scratch,
-        "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(),
-    }
+    """Where a killed engine's leftovers in /tmp go instead: the ZeroMQ sockets its
+    processes bind (VLLM_RPC_BASE_PATH) and the torch FileStore that its executor
+    rendezvous through (workers/vllm_plugin.py reads shm.SCRATCH_ENV). Not TMPDIR:
+    torch's compile cache puts its precompiled headers under tempfile's directory
+    whatever TORCHINDUCTOR_CACHE_DIR says, and a new directory per engine rebuilt them
+    at every start (the first batch 5 s late)."""
+    return {"VLLM_RPC_BASE_PATH": scratch, shm.SCRATCH_ENV: scratch}
 
 
 @dataclass

@@ -27,13 +27,14 @@ import tempfile
 import uuid
 
 SHM_DIR = pathlib.Path("/dev/shm")
-# Also fixes this process's tempfile directory before an engine build sets TMPDIR
-# (workers/engine.py imports this module): only the engine's processes see the change.
 TMP_DIR = pathlib.Path(tempfile.gettempdir())
 PREFIX = "rlt-"
 # Set by the launcher to its PID in the training process's environment (the ranks
 # inherit it): every file of the run starts with rlt-<that pid>-.
 OWNER_ENV = "RLT_SHM_OWNER"
+# Set by workers/engine.py while it builds an engine: that engine's scratch directory,
+# where workers/vllm_plugin.py puts vLLM's FileStore in the engine's processes.
+SCRATCH_ENV = "RLT_ENGINE_SCRATCH"
 # The image's tensor dtypes: safetensors' codes and torch's names.
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import threading
 import time
 
@@ -175,6 +176,17 @@ def test_shutdown_is_idempotent_and_wakes_a_blocked_step(tiny_model_path):
     assert not engine.is_alive()
     engine.shutdown()
     assert_all_gone(pids)
+
+
+def test_the_engines_files_outside_dev_shm_are_in_its_scratch_dir(tiny_engine):
+    """vLLM's sockets and its executor's FileStore: in the directory that the engine's
+    shutdown (or the launcher's sweep) removes; torch's compile cache is not there, so
+    it stays shared between runs."""
+    scratch = tiny_engine._scratch
+    names = {p.name for p in scratch.iterdir()}
+    assert any(n.startswith("vllm_dist_") for n in names), names
+    assert any(stat.S_ISSOCK((scratch / n).lstat().st_mode) for n in names), names
+    assert not any("torchinductor" in n for n in names), names
 
 
 def test_group_of_samples_with_logprobs(tiny_engine):
