@@ -147,8 +147,8 @@ def real_run(model: str, max_staleness: int, steps: int, engine_cores: set | Non
         try:
             child = run.first(is_event("training_process_started"), timeout=600)["pid"]
             # Pinned once the engine exists: its processes, spawned by the training
-            # process, would otherwise inherit the trainer's cores. (vLLM's own
-            # VLLM_CPU_OMP_THREADS_BIND applies to its multiprocess executor only.)
+            # process, would otherwise inherit the trainer's cores (and vLLM's own
+            # VLLM_CPU_OMP_THREADS_BIND did not move its threads out of them here).
             engines = run.first(is_event("worker_started"), timeout=600)["engine_pids"]
             if engine_cores:
                 for pid in engines:
