@@ -9,7 +9,10 @@ runs count for the first two columns too):
 
 * start to engines ready: the launcher started -> the `engines_ready` event
 * start to first step: -> the first `train_step` event; beside it the engines-ready time
-  plus one step (the median `perf/step_s` of the later steps), the goal
+  plus one step (the median `perf/step_s` of the later steps), the goal, and how long
+  the first step waited for its batch (its idle fraction times its length: the first
+  batch's generation, which nothing overlaps). Later steps train fewer rows when some
+  groups have no reward spread, so the goal can be below a step that trains them all.
 * last step to exit: the last `train_step` event -> the launcher exited (the final
   checkpoint, RUN_DIR/model, the plot, the engines' shutdown, the processes' teardown);
   beside it, the final checkpoint's own write (its `checkpoint_saved` seconds: model and
@@ -50,7 +53,8 @@ def one_run(model: str, steps: int, kill: bool) -> dict:
             ready = run.first(is_event("engines_ready"), timeout=600)
             engine_pids = run.first(is_event("worker_started"), timeout=600)["engine_pids"]
             first = run.first(is_event("train_step"), timeout=600)
-            out = {"ready": event_time(ready) - run.started_at, "first": event_time(first) - run.started_at}
+            out = {"ready": event_time(ready) - run.started_at, "first": event_time(first) - run.started_at,
+                   "first_wait": first[M.PERF_TRAINER_IDLE_FRAC] * first[M.PERF_STEP_S]}
             if kill:
                 killed = time.time()
                 os.kill(engine_pids[0], signal.SIGKILL)
@@ -93,6 +97,7 @@ def main() -> None:
 
         rows.append([
             model, f"{med('ready'):.1f}", f"{med('first'):.1f}", f"{med('ready') + med('step'):.1f}",
+            f"{med('first_wait'):.1f}",
             f"{med('step'):.1f}", f"{med('exit'):.2f}", f"{med('checkpoint'):.2f}", f"{med('kill_exit'):.2f}",
         ])
     record(
@@ -101,6 +106,7 @@ def main() -> None:
         "the first step; the default job otherwise\n\n"
         + table(
             ["model", "start to engines ready s", "start to first step s", "goal: ready + one step s",
+             "first step waiting for its batch s",
              "step s (median)", "last step to exit s", "of it, the final checkpoint s",
              "SIGKILL of EngineCore to exit s"],
             rows,
