@@ -284,9 +284,13 @@ def _ranks_failed(log, failures: dict, records: list[dict]) -> int:
         return ExitCode.FATAL
     if 0 in failures and failures[0].exitcode in said_why:
         return failures[0].exitcode  # the agent then stopped the others with SIGTERM
-    killed = sorted((f.timestamp, rank, f) for rank, f in failures.items() if f.exitcode < 0)
+    # Killed by a signal: the first, but SIGTERM last, as it is what the agent stops the
+    # other ranks with once one has gone (the timestamps are whole seconds, often equal).
+    killed = sorted(
+        (f.exitcode == -signal.SIGTERM, f.timestamp, rank, f) for rank, f in failures.items() if f.exitcode < 0
+    )
     if killed:
-        _, rank, f = killed[0]
+        *_, rank, f = killed[0]
         name = signal.Signals(-f.exitcode).name
         log.error(
             "run_failed", error_type="ProcessKilled", error=f"rank {rank} (pid {f.pid}) was killed by {name}",

@@ -178,3 +178,22 @@ def test_a_negative_max_restarts_is_a_usage_error(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "--max-restarts: must be >= 0" in proc.stderr
+
+
+def test_a_rank_killed_from_outside_is_named_not_the_one_the_agent_stopped_after_it():
+    """Rank 1 SIGKILLed, then rank 0 SIGTERMed by torch's agent in the same second (the
+    failures' timestamps are whole seconds): the run_failed names rank 1."""
+    import types
+
+    import structlog
+
+    def failure(exitcode, pid):
+        return types.SimpleNamespace(exitcode=exitcode, pid=pid, timestamp=1700000000)
+
+    failures = {0: failure(-signal.SIGTERM, 100), 1: failure(-signal.SIGKILL, 101)}
+    with structlog.testing.capture_logs() as logs:
+        rc = train._ranks_failed(structlog.get_logger(), failures, [])
+    assert rc == 1
+    (line,) = logs
+    assert line["event"] == "run_failed" and line["error_type"] == "ProcessKilled"
+    assert (line["rank"], line["signal"], line["pid"]) == (1, "SIGKILL", 101)
