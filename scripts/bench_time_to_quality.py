@@ -16,8 +16,12 @@ the evaluation's cost is not counted against a variant that evaluates more often
 Prints and records (docs/benchmarks.md) per variant: steps/s, the time to reach 0.8 and
 0.9 accuracy (median over seeds, min-max; "-" when a seed never got there), accuracy at
 --budget-s seconds (the last evaluation at or before it) and at the end; and a PNG of
-accuracy against time (--png). Not compared here yet: TRL's GRPOTrainer (the issue asks
-for it, in its own virtual environment).
+accuracy against time (--png).
+
+Variants `trl` and `trl_fp32` are TRL's GRPOTrainer on the same job (scripts/trl_job.py:
+the same prompts, reward, held-out set and hyperparameters; bf16 autocast or float32),
+run in a virtual environment of its own, built on first use at TRL_VENV (torch from this
+machine's disk, TRL_PINS from PyPI): TRL is a benchmark dependency, never a runtime one.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import venv
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts.benchlib import record, table  # noqa: E402
 from trainer import metrics as M  # noqa: E402
+from trainer.models import default_cache_dir, resolve_model_path  # noqa: E402
 from trainer.plots import read_metrics  # noqa: E402
 
 VARIANTS = {
@@ -47,7 +53,21 @@ VARIANTS = {
     "staleness0": ["algo.max_staleness=0"],
     "staleness2": ["algo.max_staleness=2"],
 }
+# TRL's GRPOTrainer on the same job (scripts/trl_job.py), its arguments per variant.
+TRL_VARIANTS = {"trl": ["--dtype", "mixed"], "trl_fp32": ["--dtype", "float32"]}
+TRL_VENV = default_cache_dir() / "bench-trl-venv"
+TRL_PINS = ["torch==2.13.0", "trl==1.16.0"]
 THRESHOLDS = (0.8, 0.9)
+
+
+def trl_python() -> pathlib.Path:
+    """The TRL venv's interpreter, the venv built first if it is not there yet."""
+    python = TRL_VENV / "bin" / "python"
+    if subprocess.run([str(python), "-c", "import trl"], capture_output=True).returncode if python.exists() else True:
+        print(f"building {TRL_VENV} ({' '.join(TRL_PINS)})", file=sys.stderr, flush=True)
+        venv.create(TRL_VENV, with_pip=True, clear=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+    return python
 
 
 def grid() -> dict[str, list[str]]:
@@ -58,19 +78,30 @@ def grid() -> dict[str, list[str]]:
     return out
 
 
-def run_one(overrides: list[str], seed: int, args: argparse.Namespace, out_dir: pathlib.Path) -> dict:
-    cmd = [
-        sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json", f"model.path={args.model}",
-        f"run.output_dir={out_dir}", f"run.steps={args.steps}", f"run.seed={seed}", "run.checkpoint_every=1000",
-        f"eval.every={args.eval_every}", "eval.before_train=true", f"eval.prompts={args.eval_prompts}",
-        f"eval.samples={args.eval_samples}", *overrides,
-    ]
+def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace, out_dir: pathlib.Path) -> dict:
+    """One run of variant `name`: scripts/train.py with config overrides, or for a TRL
+    variant scripts/trl_job.py in the TRL venv with these arguments."""
+    if name in TRL_VARIANTS:
+        cmd = [
+            str(trl_python()), str(REPO / "scripts" / "trl_job.py"), "--model", str(resolve_model_path(args.model)),
+            "--output-dir", str(out_dir), "--seed", str(seed), "--steps", str(args.steps),
+            "--eval-every", str(args.eval_every), "--eval-prompts", str(args.eval_prompts),
+            "--eval-samples", str(args.eval_samples), *overrides,
+        ]
+    else:
+        cmd = [
+            sys.executable, str(REPO / "scripts" / "train.py"), "--log-format", "json", f"model.path={args.model}",
+            f"run.output_dir={out_dir}", f"run.steps={args.steps}", f"run.seed={seed}", "run.checkpoint_every=1000",
+            f"eval.every={args.eval_every}", "eval.before_train=true", f"eval.prompts={args.eval_prompts}",
+            f"eval.samples={args.eval_samples}", *overrides,
+        ]
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
     evals = read_metrics(out_dir / "metrics.jsonl", evals=True)
     steps = read_metrics(out_dir / "metrics.jsonl")
+    train_s = [s[M.PERF_TRAIN_S] for s in steps if s.get(M.PERF_TRAIN_S) is not None]  # TRL's: none
     curve, eval_s = [], 0.0
     for e in evals:
         eval_s += e[M.PERF_EVAL_S]
@@ -79,7 +110,7 @@ def run_one(overrides: list[str], seed: int, args: argparse.Namespace, out_dir: 
         "curve": curve,  # (training seconds, accuracy) at each evaluation
         "wall_s": time.monotonic() - t0,
         "step_s": statistics.median(s[M.PERF_STEP_S] for s in steps),
-        "train_s": statistics.median(s[M.PERF_TRAIN_S] for s in steps),
+        "train_s": statistics.median(train_s) if train_s else None,
     }
 
 
@@ -108,7 +139,7 @@ def accuracy(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["default", "trainer_fp32"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["default", "trainer_fp32"], choices=sorted([*VARIANTS, *TRL_VARIANTS]))
     p.add_argument("--grid", action="store_true", help="the issue's grid instead of --variants")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--model", default="smollm2")
@@ -119,7 +150,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--png", default=str(REPO / "docs" / "time_to_quality.png"))
     args = p.parse_args()
-    variants = grid() if args.grid else {v: VARIANTS[v] for v in args.variants}
+    variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS}[v] for v in args.variants}
 
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="ttq-") as tmp:
@@ -127,7 +158,7 @@ def main() -> None:
         # hits every variant alike.
         for seed in args.seeds:
             for name, overrides in variants.items():
-                r = run_one(overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
+                r = run_one(name, overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
                 results.setdefault(name, []).append(r)
                 print(f"{name} seed {seed}: {r['wall_s']:.0f} s, accuracy {[round(a, 2) for _, a in r['curve']]}",
                       file=sys.stderr, flush=True)
@@ -136,8 +167,8 @@ def main() -> None:
     for name, runs in results.items():
         curves = [r["curve"] for r in runs]
         rows.append([
-            name, " ".join(variants[name]) or "(defaults)", f"{statistics.median(r['step_s'] for r in runs):.1f}",
-            f"{statistics.median(r['train_s'] for r in runs):.1f}",
+            name, ("TRL GRPOTrainer " if name in TRL_VARIANTS else "") + (" ".join(variants[name]) or "(defaults)"), f"{statistics.median(r['step_s'] for r in runs):.1f}",
+            "-" if runs[0]["train_s"] is None else f"{statistics.median(r['train_s'] for r in runs):.1f}",
             *(spread([time_to(c, th) for c in curves]) for th in THRESHOLDS),
             accuracy([at_budget(c, args.budget_s) for c in curves]), accuracy([c[0][1] for c in curves]),
             accuracy([c[-1][1] for c in curves]),
