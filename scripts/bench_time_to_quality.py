@@ -15,8 +15,9 @@ the evaluation's cost is not counted against a variant that evaluates more often
 
 Prints and records (docs/benchmarks.md) per variant: steps/s, the time to reach 0.8 and
 0.9 accuracy (median over seeds, min-max; "-" when a seed never got there), accuracy at
---budget-s seconds (the last evaluation at or before it) and at the end; and a PNG of
-accuracy against time (--png; one section and one PNG per model and --steps).
+--budget-s seconds (the last evaluation at or before it) and at the end, each seed's
+accuracies; and a PNG of accuracy against time (--png). One section and one PNG per
+model, --steps and set of variants, so one comparison does not replace another.
 
 Variants `trl` and `trl_fp32` are TRL's GRPOTrainer on the same job (scripts/trl_job.py:
 the same prompts, reward, held-out set and hyperparameters; bf16 autocast or float32),
@@ -148,10 +149,11 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=150.0)
-    p.add_argument("--png", help="default: docs/time_to_quality_MODEL_STEPSsteps.png")
+    p.add_argument("--png", help="default: docs/time_to_quality_MODEL_STEPSsteps_VARIANTS.png")
     args = p.parse_args()
-    args.png = args.png or str(REPO / "docs" / f"time_to_quality_{args.model}_{args.steps}steps.png")
     variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS}[v] for v in args.variants}
+    compared = "grid" if args.grid else "-".join(variants)
+    args.png = args.png or str(REPO / "docs" / f"time_to_quality_{args.model}_{args.steps}steps_{compared}.png")
 
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="ttq-") as tmp:
@@ -182,10 +184,15 @@ def main() -> None:
         "wall time (evaluations excluded), engine start included; medians over seeds (min-max)\n\n"
         + table(header, rows)
     )
+    body += "\n\nHeld-out accuracy at each evaluation, per seed:\n\n" + "\n".join(
+        f"* {name}, seed {seed}: {' '.join(f'{a:.2f}' for _, a in r['curve'])}"
+        for name, runs in results.items() for seed, r in zip(args.seeds, runs)
+    )
     plot(results, args.png)
     body += f"\n\nAccuracy against time: `{os.path.relpath(args.png, REPO)}`."
-    # One section per model and length: a longer run does not replace a shorter one.
-    record(f"Time to quality ({args.model}, {args.steps} steps)", body)
+    # One section per model, length and comparison: a longer run, or another set of
+    # variants, does not replace what an earlier one recorded.
+    record(f"Time to quality ({args.model}, {args.steps} steps, {compared})", body)
 
 
 def plot(results: dict[str, list[dict]], path: str) -> None:
