@@ -28,6 +28,7 @@ run.keep_best: RUN_DIR/checkpoints/best.json names the checkpoint of the best ev
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -139,14 +140,21 @@ def save_checkpoint(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     follow_umask(tmp)  # mkdtemp makes it 0700; a checkpoint follows the umask like any file
     try:
-        # format "pt": what transformers asks of a safetensors file; RUN_DIR/model links this one.
-        safetensors.torch.save_file(model_state, str(tmp / MODEL), metadata={"format": "pt"})
-        _torch_save(optimizer_state, tmp / OPTIMIZER)
-        _torch_save(rng_state(), tmp / RNG)
-        _write_bytes(tmp / TRAINER_STATE, _json_bytes({**trainer_state, "step": step}))
-        _write_bytes(tmp / CONFIG, _json_bytes(config))
-        _fsync_file(tmp / MODEL)  # written by safetensors, not by _write_bytes
-        files = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES}
+        # Each file is hashed and fsynced in the pool while the next one is written (both
+        # release the GIL): SmolLM2's 1.6 GB then cost the writes plus the optimizer
+        # file's hash, not writes, fsyncs and hashes one after another.
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="checkpoint") as pool:
+            # format "pt": what transformers asks of a safetensors file; RUN_DIR/model links this one.
+            safetensors.torch.save_file(model_state, str(tmp / MODEL), metadata={"format": "pt"})
+            digests = {MODEL: pool.submit(_fsync_and_hash, tmp / MODEL)}
+            _torch_save(optimizer_state, tmp / OPTIMIZER)
+            digests[OPTIMIZER] = pool.submit(_fsync_and_hash, tmp / OPTIMIZER)
+            _torch_save(rng_state(), tmp / RNG)
+            _write_bytes(tmp / TRAINER_STATE, _json_bytes({**trainer_state, "step": step}))
+            _write_bytes(tmp / CONFIG, _json_bytes(config))
+            for f in (RNG, TRAINER_STATE, CONFIG):  # small ones
+                digests[f] = pool.submit(_fsync_and_hash, tmp / f)
+            files = {f: {"sha256": digests[f].result(), "bytes": (tmp / f).stat().st_size} for f in FILES}
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -270,10 +278,9 @@ def _remove_stale_temporaries(root: pathlib.Path) -> None:
 
 
 def _torch_save(obj: Any, path: pathlib.Path) -> None:
+    """Written, not fsynced: save_checkpoint fsyncs it with its hash."""
     with open(path, "wb") as f:  # straight to the file: no second copy of a large state in memory
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -287,12 +294,15 @@ def _write_bytes(path: pathlib.Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: pathlib.Path) -> None:
+def _fsync_and_hash(path: pathlib.Path) -> str:
+    """The file's sha256, once it is on disk."""
+    digest = _sha256(path)  # first: its pages are still in the cache while they are written back
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return digest
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

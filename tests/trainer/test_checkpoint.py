@@ -138,6 +138,41 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_the_latest(tmp_p
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
 
 
+def test_every_file_is_on_disk_before_the_manifest_and_a_failed_fsync_fails_the_save(tmp_path, monkeypatch):
+    # The big files are fsynced and hashed in threads while the next file is written:
+    # the manifest (whose presence means complete) must still come after all of them.
+    model, opt = trained_model()
+    synced, at_manifest = [], []
+    real_fsync, real_write = os.fsync, ckpt._write_bytes
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def write(path, data):
+        if path.name == ckpt.MANIFEST:
+            at_manifest.extend(synced)
+        real_write(path, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(ckpt, "_write_bytes", write)
+    good = save(tmp_path, 1, model, opt)
+    assert set(ckpt.FILES) <= set(at_manifest), at_manifest
+    assert ckpt.MANIFEST in synced
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(ckpt.OPTIMIZER):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        save(tmp_path, 2, model, opt)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+
+
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     model, opt = trained_model()
     save(tmp_path, 3, model, opt, note="first")
