@@ -24,23 +24,44 @@ class Prompts:
 
 
 class Watched:
-    """The shared engine, watched: the most groups generating at once before the
-    queue handed out its first batch, and after. Its shutdown only aborts what is left (the
-    session's other tests use the engine after this one)."""
+    """The shared engine, watched: the most groups in flight at once (submitted and not
+    yet handed back to the worker) before the queue handed out its first batch, and after.
+    After the first batch it holds back finished groups until 4 are in flight (or for
+    HOLD_S), so that a group reaching EOS early cannot hide what the worker's limit allows.
+    Its shutdown only aborts what is left (the session's other tests use the engine after
+    this one)."""
+
+    HOLD_S = 10.0
 
     def __init__(self, engine, queue: RolloutQueue):
         self._engine, self._queue = engine, queue
         self.most_before_first_batch = self.most_after = 0
+        self._in_flight: set[str] = set()
+        self._held: list = []
+        self._hold_until: float | None = None
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def submit(self, *args, **kwargs):
-        self._engine.submit(*args, **kwargs)
+    def submit(self, request_id, *args, **kwargs):
+        self._engine.submit(request_id, *args, **kwargs)
+        self._in_flight.add(request_id)
         if not self._queue.batch_taken:
-            self.most_before_first_batch = max(self.most_before_first_batch, self._engine.num_unfinished())
+            self.most_before_first_batch = max(self.most_before_first_batch, len(self._in_flight))
         else:
-            self.most_after = max(self.most_after, self._engine.num_unfinished())
+            self.most_after = max(self.most_after, len(self._in_flight))
+
+    def step(self):
+        finished = self._held + self._engine.step()
+        self._held = []
+        if self._queue.batch_taken:
+            if self._hold_until is None:
+                self._hold_until = time.monotonic() + self.HOLD_S
+            if self.most_after < 4 and time.monotonic() < self._hold_until:
+                self._held, finished = finished, []
+        for f in finished:
+            self._in_flight.discard(f.request_id)
+        return finished
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._engine.abort(list(self._engine._pending))
@@ -65,8 +86,8 @@ def test_until_the_first_batch_an_engine_generates_only_its_share_of_it(tiny_eng
         batch = queue.get_batch(2, timeout=60, health_check=sup.check)
         assert len(batch) == 2
         assert watched.most_before_first_batch == 2
-        # Then the cap is gone: the 4 permits left go to groups generating at once (the
-        # two started after the first two finished take 64 tokens: still running).
+        # Then the cap is gone: the 4 permits left go to groups in flight at once (the two
+        # started after the first two finished, held back by Watched, and two more).
         deadline = time.monotonic() + 60
         while queue.counters().free:
             sup.check()
