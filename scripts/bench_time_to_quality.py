@@ -13,7 +13,9 @@ eval/pass@1. Time is training wall time: perf/elapsed_s of each evaluation (sinc
 run began, engine start included) minus the evaluations' own perf/eval_s before it, so
 the evaluation's cost is not counted against a variant that evaluates more often.
 
-Prints and records (docs/benchmarks.md) per variant: steps/s, the time to reach 0.8 and
+Prints and records (docs/benchmarks.md) per variant: s/step, training s/step, rows
+trained per step and training tokens/s (a step skips the rows of groups without reward
+spread, so training time alone confounds speed with learning), the time to reach 0.8 and
 0.9 accuracy (median over seeds, min-max; "-" when a seed never got there), accuracy at
 --budget-s seconds (the last evaluation at or before it) and at the end, each seed's
 accuracies; and a PNG of accuracy against time (--png). One section and one PNG per
@@ -103,6 +105,8 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
     evals = read_metrics(out_dir / "metrics.jsonl", evals=True)
     steps = read_metrics(out_dir / "metrics.jsonl")
     train_s = [s[M.PERF_TRAIN_S] for s in steps if s.get(M.PERF_TRAIN_S) is not None]  # TRL's: none
+    rows = [s[M.PERF_TRAIN_ROWS] for s in steps if s.get(M.PERF_TRAIN_ROWS) is not None]
+    rates = [s[M.PERF_TRAIN_TOKENS_PER_S] for s in steps if s.get(M.PERF_TRAIN_ROWS)]  # steps that trained
     curve, eval_s = [], 0.0
     for e in evals:
         eval_s += e[M.PERF_EVAL_S]
@@ -112,6 +116,8 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         "wall_s": time.monotonic() - t0,
         "step_s": statistics.median(s[M.PERF_STEP_S] for s in steps),
         "train_s": statistics.median(train_s) if train_s else None,
+        "rows": statistics.fmean(rows) if rows else None,  # trained rows per step
+        "tokens_per_s": statistics.median(rates) if rates else None,  # training speed, whatever the rows
     }
 
 
@@ -172,11 +178,13 @@ def main() -> None:
         rows.append([
             name, ("TRL GRPOTrainer " if name in TRL_VARIANTS else "") + (" ".join(variants[name]) or "(defaults)"), f"{statistics.median(r['step_s'] for r in runs):.1f}",
             "-" if runs[0]["train_s"] is None else f"{statistics.median(r['train_s'] for r in runs):.1f}",
+            "-" if runs[0]["rows"] is None else f"{statistics.median(r['rows'] for r in runs):.1f}",
+            "-" if runs[0]["tokens_per_s"] is None else f"{statistics.median(r['tokens_per_s'] for r in runs):.0f}",
             *(spread([time_to(c, th) for c in curves]) for th in THRESHOLDS),
             accuracy([at_budget(c, args.budget_s) for c in curves]), accuracy([c[0][1] for c in curves]),
             accuracy([c[-1][1] for c in curves]),
         ])
-    header = ["variant", "overrides", "s/step", "train s/step", *(f"s to {th}" for th in THRESHOLDS),
+    header = ["variant", "overrides", "s/step", "train s/step", "rows trained/step", "train tokens/s", *(f"s to {th}" for th in THRESHOLDS),
               f"acc at {args.budget_s:.0f} s", "acc at start", "acc at end"]
     body = (
         f"{args.model}, {args.steps} steps, seeds {args.seeds}; held-out: {args.eval_prompts} arithmetic prompts "

@@ -74,6 +74,13 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
         after = torch.log_softmax(trainer.policy(input_ids=seq).logits, -1)
     assert (before - after).abs().max().item() > 1e-1
     assert history[-1][M.LOSS_GRAD_NORM] > 0
+    # The training work: every completion of a group with reward spread (LetterTask's
+    # rewards are fractions, so none sits exactly at its group's mean), with its prompt.
+    for h in history:
+        assert h[M.PERF_TRAIN_ROWS] == round(8 * (1 - h[M.REWARD_FRAC_ZERO_STD_GROUPS])), h
+        assert h[M.PERF_TRAIN_TOKENS] > h[M.PERF_TRAIN_ROWS] * 5  # prompts are longer than 5 tokens
+        assert h[M.PERF_TRAIN_TOKENS_PER_S] == pytest.approx(h[M.PERF_TRAIN_TOKENS] / h[M.PERF_TRAIN_S])
+    assert sum(h[M.PERF_TRAIN_ROWS] for h in history) > 0
     c = trainer.final_counters
     assert c.consumed == c.retired == 6 and c.free == c.permits
     assert run_threads() == []

@@ -36,6 +36,11 @@ PERF_STEP_S = "perf/step_s"
 PERF_TRAINER_IDLE_FRAC = "perf/trainer_idle_frac"
 PERF_WEIGHT_SYNC_S = "perf/weight_sync_s"
 PERF_TRAIN_S = "perf/train_s"
+# The training work of a step, which perf/train_s alone hides: rows of groups without
+# reward spread are skipped, so a policy that learns faster trains fewer rows per step.
+PERF_TRAIN_ROWS = "perf/train_rows"  # completions forwarded and backpropagated (all ranks)
+PERF_TRAIN_TOKENS = "perf/train_tokens"  # their prompt + completion tokens (padding not counted)
+PERF_TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"  # perf/train_tokens / perf/train_s
 PERF_RANKS = "perf/ranks"  # training processes (trainer.ranks)
 PERF_ELAPSED_S = "perf/elapsed_s"  # wall time since this fit() began (setup, engine start included)
 LOSS_ENTROPY = "loss/entropy"  # mean entropy of the policy over the trained tokens (null: none)
@@ -127,6 +132,9 @@ STEP_RECORD_KEYS = (
     PERF_GEN_TOKENS_PER_S,
     PERF_STEP_S,
     PERF_TRAIN_S,
+    PERF_TRAIN_ROWS,
+    PERF_TRAIN_TOKENS,
+    PERF_TRAIN_TOKENS_PER_S,
     PERF_TRAINER_IDLE_FRAC,
     PERF_WEIGHT_SYNC_S,
     PERF_RANKS,

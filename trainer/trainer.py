@@ -379,6 +379,7 @@ class Trainer:
                 M.PERF_GEN_TOKENS_PER_S: (tokens_now - tokens_before) / (t1 - t0),
                 M.PERF_STEP_S: t1 - t0,
                 M.PERF_TRAIN_S: t_trained - t_batch,
+                M.PERF_TRAIN_TOKENS_PER_S: loss_stats[M.PERF_TRAIN_TOKENS] / max(t_trained - t_batch, 1e-9),
                 M.PERF_TRAINER_IDLE_FRAC: (t_batch - t0) / (t1 - t0),
                 M.PERF_WEIGHT_SYNC_S: sync_s,
                 M.PERF_RANKS: self.world,
@@ -487,7 +488,11 @@ class Trainer:
         self.ranks.send("step", [
             {"rows": share, "norm": norm_fields, "micro_batches": micro_batches, "step": self.step} for share in shares
         ])
-        return self._optimizer_step(shares[0], norm, micro_batches)
+        return {
+            **self._optimizer_step(shares[0], norm, micro_batches),
+            M.PERF_TRAIN_ROWS: len(rows),
+            M.PERF_TRAIN_TOKENS: sum(len(r["prompt"]) + len(r["completion"]) for r in rows),
+        }
 
     def _optimizer_step(self, rows: list[dict[str, Any]], norm: LossNorm, micro_batches: int) -> dict[str, float]:
         """The loss on this rank's rows in `micro_batches` micro-batches (every rank runs
