@@ -480,9 +480,8 @@ class Trainer:
         # loss: skip their compute. The aggregate's denominators still count them (`norm`).
         if cfg.algo.entropy_coef == 0 and cfg.algo.kl_coef == 0:
             rows = [r for r in rows if r["advantage"] != 0]
-        shares = [[rows[i] for i in part] for part in split_by_tokens(
-            [len(r["prompt"]) + len(r["completion"]) for r in rows], self.world
-        )]
+        lengths = [len(r["prompt"]) + len(r["completion"]) for r in rows]  # tokens each row forwards
+        shares = [[rows[i] for i in part] for part in split_by_tokens(lengths, self.world)]
         micro_batches = max(-(-len(share) // cfg.algo.micro_batch_size) for share in shares)
         norm_fields = dataclasses.asdict(norm)
         self.ranks.send("step", [
@@ -491,7 +490,7 @@ class Trainer:
         return {
             **self._optimizer_step(shares[0], norm, micro_batches),
             M.PERF_TRAIN_ROWS: len(rows),
-            M.PERF_TRAIN_TOKENS: sum(len(r["prompt"]) + len(r["completion"]) for r in rows),
+            M.PERF_TRAIN_TOKENS: sum(lengths),
         }
 
     def _optimizer_step(self, rows: list[dict[str, Any]], norm: LossNorm, micro_batches: int) -> dict[str, float]:
