@@ -55,6 +55,7 @@ VARIANTS = {
     "sync_fp32": ["algo.max_staleness=0", "engine.dtype=float32", "trainer.dtype=float32"],
     "staleness0": ["algo.max_staleness=0"],
     "staleness2": ["algo.max_staleness=2"],
+    "malloc_glibc": ["trainer.keep_freed_memory=false"],
 }
 # TRL's GRPOTrainer on the same job (scripts/trl_job.py), its arguments per variant.
 TRL_VARIANTS = {"trl": ["--dtype", "mixed"], "trl_fp32": ["--dtype", "float32"]}

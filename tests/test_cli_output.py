@@ -92,6 +92,8 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     # Overlaps: the policy loads (`setup`) while the engine starts; at the end the engines
     # stop while the final checkpoint and the model are written.
     names = [e["event"] for e in events]
+    (setup,) = [e for e in events if e["event"] == "setup"]
+    assert setup["malloc_keeps_freed"] is True  # a CPU trainer keeps the memory it frees
     assert names.index("engine_starting") < names.index("setup") < names.index("engines_ready")
     assert names.index("workers_stopping") < names.index("checkpoint_saved")
 

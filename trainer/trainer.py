@@ -53,7 +53,9 @@ from trainer.errors import ConfigError, NonFiniteSteps, RunInterrupted
 from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import check_in_blocks, load_model, load_tokenizer, resolve_model_path
-from trainer.policy import EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, weights_to_bytes
+from trainer.policy import (
+    EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, warm_up_optimizer, weights_to_bytes,
+)
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
 from trainer.ranks import Ranks, grad_norm_value, split_by_tokens, world_from_env
@@ -61,6 +63,7 @@ from trainer.rewards import reward_spec
 from trainer.run_lock import OutputDirLock
 from trainer.tasks import build_task
 from trainer.tracking import Trackers, check_trackers
+from workers.hardware import keep_freed_memory
 from workers.rewards import RewardPool
 from workers.supervisor import Supervisor
 from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
@@ -241,6 +244,9 @@ class Trainer:
         """Every rank: join the ranks, load the policy (and the reference), shard them,
         and make the optimizer (over this rank's shard)."""
         cfg = self.cfg
+        # Training on a CPU frees and reallocates the same hundreds of MB every micro-batch:
+        # keep them in the process (trainer.keep_freed_memory, workers/hardware.py).
+        malloc_keeps_freed = cfg.trainer.keep_freed_memory and self.device.type == "cpu" and keep_freed_memory()
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
         self.policy = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).train())
         check_in_blocks(self.policy, self._check)  # a worker error or a stop ends a micro-batch early
@@ -250,6 +256,7 @@ class Trainer:
             "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype),
             autocast=str(self.autocast) if self.autocast else None, pid=os.getpid(),
             policy_shard_mib=round(sum(_local(p).nbytes for p in self.policy.parameters()) / 2**20, 1),
+            malloc_keeps_freed=malloc_keeps_freed,
         )
         self.reference = None  # the frozen initial policy, for algo.kl_coef
         if cfg.algo.kl_coef > 0:
@@ -257,6 +264,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
         )
+        warm_up_optimizer(self.optimizer)  # its state allocated now, while the engines start
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
