@@ -9,7 +9,7 @@ loss-shaped sum over completion tokens, `--steps` steps of `--rows` rows (30 pro
 tokens, completions of 30-47 tokens, then 10-29, alternating in pairs: micro-batches of
 two shapes, as a run has). Each setting runs in `--rounds` fresh processes, the settings
 alternating; the table has the median over rounds of each step's forward + backward and
-AdamW seconds, and the total of the steps after the first two (the warm ones):
+AdamW seconds, and the total (forward + backward and AdamW) of the steps after the first two, the warm ones:
 
 * "glibc": malloc's defaults (every block over 32 MB mapped on its own and unmapped when
   freed), AdamW's state made by its first step: what the trainer did before.
@@ -111,7 +111,7 @@ def main() -> None:
         for i in range(args.steps)
     ]
     warm = {s: statistics.median(sum(run["fwd_bwd_s"][2:]) + sum(run["adamw_s"][2:]) for run in runs[s]) for s in SETTINGS}
-    rows.append([f"steps 2-{args.steps - 1}", "", f"{warm['glibc']:.1f}", "", f"{warm['trainer']:.1f}",
+    rows.append([f"steps 2-{args.steps - 1}, all s", "", f"{warm['glibc']:.1f}", "", f"{warm['trainer']:.1f}",
                  f"({warm['glibc'] / warm['trainer']:.2f}x)"])
     warm_up = statistics.median(run["warm_up_s"] for run in runs["trainer"])
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
