@@ -9,7 +9,7 @@ loss-shaped sum over completion tokens, `--steps` steps of `--rows` rows (30 pro
 tokens, completions of 30-47 tokens, then 10-29, alternating in pairs: micro-batches of
 two shapes, as a run has). Each setting runs in `--rounds` fresh processes, the settings
 alternating; the table has the median over rounds of each step's forward + backward and
-AdamW seconds, and the total (forward + backward and AdamW) of the steps after the first two, the warm ones:
+AdamW seconds, and the total of both over the steps after the first two (the warm ones):
 
 * "glibc": malloc's defaults (every block over 32 MB mapped on its own and unmapped when
   freed), AdamW's state made by its first step: what the trainer did before.
