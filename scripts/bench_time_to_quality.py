@@ -21,9 +21,10 @@ spread, so training time alone confounds speed with learning), the time to reach
 accuracies; and a PNG of accuracy against time (--png). One section and one PNG per
 model, --steps and set of variants, so one comparison does not replace another.
 
-Variants `trl` and `trl_fp32` are TRL's GRPOTrainer on the same job (scripts/trl_job.py:
-the same prompts, reward, held-out set and hyperparameters; bf16 autocast or float32),
-run in a virtual environment of its own, built on first use at TRL_VENV (torch from this
+Variants `trl`, `trl_fp32` and `trl_malloc_kept` are TRL's GRPOTrainer on the same job
+(scripts/trl_job.py: the same prompts, reward, held-out set and hyperparameters; bf16
+autocast, float32, or bf16 autocast with glibc keeping the memory the process frees, as
+the project's CPU trainer does), run in a virtual environment of its own, built on first use at TRL_VENV (torch from this
 machine's disk, TRL_PINS from PyPI): TRL is a benchmark dependency, never a runtime one.
 """
 
@@ -56,9 +57,14 @@ VARIANTS = {
     "staleness0": ["algo.max_staleness=0"],
     "staleness2": ["algo.max_staleness=2"],
     "malloc_glibc": ["trainer.keep_freed_memory=false"],
+    "no_dynamic_sampling": ["algo.filter_zero_std=false"],  # groups without reward spread batched (0.1 default)
 }
 # TRL's GRPOTrainer on the same job (scripts/trl_job.py), its arguments per variant.
-TRL_VARIANTS = {"trl": ["--dtype", "mixed"], "trl_fp32": ["--dtype", "float32"]}
+TRL_VARIANTS = {
+    "trl": ["--dtype", "mixed"],
+    "trl_fp32": ["--dtype", "float32"],
+    "trl_malloc_kept": ["--dtype", "mixed", "--keep-freed-memory"],  # the allocator setting of ours
+}
 TRL_VENV = default_cache_dir() / "bench-trl-venv"
 TRL_PINS = ["torch==2.13.0", "trl==1.16.0"]
 THRESHOLDS = (0.8, 0.9)

@@ -52,9 +52,16 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps the memory the process frees, as the project's CPU trainer does "
+                        "(trainer.keep_freed_memory)")
     args = p.parse_args()
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.keep_freed_memory:
+        from workers.hardware import keep_freed_memory  # torch only, which this venv has
+
+        print(f"keep_freed_memory: {keep_freed_memory()}", file=sys.stderr, flush=True)
 
     import torch
     from datasets import Dataset

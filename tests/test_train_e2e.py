@@ -74,6 +74,11 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
         after = torch.log_softmax(trainer.policy(input_ids=seq).logits, -1)
     assert (before - after).abs().max().item() > 1e-1
     assert history[-1][M.LOSS_GRAD_NORM] > 0
+    # Each step's weights reached the engine but the last one's: with no evaluation after
+    # it, nothing would generate from them (the engine stopped when the batch was taken).
+    assert [w.stats["weight_loads"] for w in trainer.supervisor.workers] == [2]
+    assert [w.weight_version for w in trainer.supervisor.workers] == [2]
+    assert [h[M.PERF_WEIGHT_SYNC_S] > 0 for h in history] == [True, True, False]
     # The training work: every completion of a group with reward spread (LetterTask's
     # rewards are fractions, so none sits exactly at its group's mean), with its prompt.
     for h in history:
@@ -153,11 +158,11 @@ def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tin
         ["algo.loss_agg=seq_mean_token_sum_norm", "algo.scale_rewards=none", "algo.ratio_level=sequence",
          "algo.clip_low=3e-4", "algo.clip_high=4e-4", "algo.entropy_coef=0.01"],
         # The GRPO paper's aggregation with batch-scaled advantages, a KL penalty to the
-        # initial policy, and dynamic sampling.
+        # initial policy, and no dynamic sampling (on by default).
         ["algo.loss_agg=seq_mean_token_mean", "algo.scale_rewards=batch", "algo.kl_coef=0.1",
-         "algo.kl_estimator=k3", "algo.filter_zero_std=true"],
+         "algo.kl_estimator=k3", "algo.filter_zero_std=false"],
     ],
-    ids=["drgrpo_gspo_entropy", "grpo_batch_kl_filter"],
+    ids=["drgrpo_gspo_entropy", "grpo_batch_kl_nofilter"],
 )
 def test_loss_variants_train_with_the_real_engine(tmp_path, tiny_model_path, variant):
     trainer = Trainer(tiny_config(tmp_path, tiny_model_path, "run.steps=2", *variant), task=LetterTask())

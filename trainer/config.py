@@ -92,9 +92,15 @@ class AlgoConfig:
     beside it); 0 loads no reference model"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """the per-token KL estimator (trainer/loss.py kl_penalty)"""
-    filter_zero_std: bool = False
+    filter_zero_std: bool = True
     """dynamic sampling (DAPO): a group whose rewards are all equal carries no signal; it
-    is released (reason "filtered") and another prompt generated in its place"""
+    is released (reason "filtered") and another prompt generated in its place. On by
+    default: it reached 0.9 held-out accuracy on 3 of 3 seeds where the batches with
+    such groups in reached it on 1 (README, Time to quality)"""
+    filter_budget: float = 2.0
+    """dynamic sampling releases at most this many groups per step, as a multiple of
+    algo.groups_per_step; past it, groups without reward spread are trained on (they add
+    nothing to the loss), so a policy that solves every prompt keeps stepping"""
     mask_truncated: bool = False
     """leave completions cut off by gen.max_tokens out of the loss (DAPO's overlong
     filtering); they still count in their group's advantages"""
@@ -384,6 +390,7 @@ class TrainerConfig:
             ("algo.clip_low", 0 < algo.clip_low < 1, "must be 0 < clip_low < 1"),
             ("algo.clip_high", algo.clip_high > 0, "must be > 0"),
             ("algo.is_cap", algo.is_cap >= 1, "must be >= 1"),
+            ("algo.filter_budget", algo.filter_budget >= 0, "must be >= 0"),
             ("algo.max_grad_norm", algo.max_grad_norm > 0, "must be > 0"),
             ("algo.weight_decay", algo.weight_decay >= 0, "must be >= 0"),
             ("algo.micro_batch_size", algo.micro_batch_size >= 1, "must be >= 1"),

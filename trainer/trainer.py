@@ -66,7 +66,7 @@ from trainer.tracking import Trackers, check_trackers
 from workers.hardware import keep_freed_memory
 from workers.rewards import RewardPool
 from workers.supervisor import Supervisor
-from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec
+from workers.worker import GenerationWorker, RolloutGroup, SamplingSpec, ZeroStdFilter
 
 log = structlog.get_logger(__name__)
 
@@ -206,6 +206,10 @@ class Trainer:
             1, min(2 * cfg.engine.max_num_seqs // cfg.algo.group_size, -(-self.queue.permits // count))
         )
 
+        zero_std_filter = (
+            ZeroStdFilter(round(cfg.algo.filter_budget * cfg.algo.groups_per_step)) if cfg.algo.filter_zero_std else None
+        )
+
         def make_worker(i: int, on_error, start_gate) -> GenerationWorker:
             return GenerationWorker(
                 i,
@@ -218,7 +222,7 @@ class Trainer:
                 first_batch_share=-(-cfg.algo.groups_per_step // count),
                 on_error=on_error,
                 start_gate=start_gate,
-                filter_zero_std=cfg.algo.filter_zero_std,
+                filter_zero_std=zero_std_filter,
             )
 
         # The engines start first, in their threads (tens of seconds: processes, imports,
@@ -358,13 +362,19 @@ class Trainer:
             t0 = time.monotonic()
             groups = self._get_batch(B)
             t_batch = time.monotonic()
+            # The last step, with no evaluation after it: what the engines would generate
+            # from now on is never trained on, so they stop here. Their shutdown and the
+            # cores they free go to this step, which makes no weight sync.
+            final = step == cfg.run.steps - 1 and self.evaluator is None
+            if final:
+                self.supervisor.stop_workers(keep_queue_open=True)
             log.debug("batch", prompt_indices=sorted(g.prompt_index for g in groups))
             version = self.queue.version
             log.debug("phase", phase="train")
             loss_stats = self._train_on(groups)
             t_trained = time.monotonic()
             log.debug("phase", phase="sync")
-            sync_s = self._sync_weights(version + 1)
+            sync_s = 0.0 if final else self._sync_weights(version + 1)
             self.queue.retire(B)
             self.trained.add(g.prompt_index for g in groups)
             self.trained.add(self.prompts.take_skipped())  # overlong: done for good
@@ -410,8 +420,9 @@ class Trainer:
                 structlog.contextvars.unbind_contextvars("step")
                 return self.history  # fit() writes the checkpoint
         structlog.contextvars.unbind_contextvars("step")
-        # The engines are done: they exit while the final checkpoint, the model and the
-        # plot are written (in a thread of its own, ~1-2 s of matplotlib); cleanup() joins.
+        # The engines are done (stopped at the last step, or now, after the evaluation):
+        # they exit while the final checkpoint, the model and the plot are written (in a
+        # thread of its own, ~1-2 s of matplotlib); cleanup() joins.
         self.supervisor.stop_workers()
         plot = threading.Thread(target=contextvars.copy_context().run, args=(self._plot_metrics,), name="plot", daemon=True)
         plot.start()

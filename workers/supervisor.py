@@ -266,21 +266,22 @@ class Supervisor:
 
     # ---- stop -----------------------------------------------------------------------
 
-    def stop_workers(self) -> None:
-        """Close the queue and tell every worker to stop (each then shuts its engine
-        down in its own thread); returns at once. shutdown() joins them. A second call
-        does nothing."""
-        if self._stopping:
-            return
-        self._stopping = True
-        log.info("workers_stopping")
-        # The watchdog goes first: engines shutting down on purpose are not failures.
-        self._watchdog_stop.set()
-        if self._watchdog is not None:
-            self._watchdog.join(1.0)
-        self.queue.close(self._error)
-        for w in self.workers:
-            w.stop()
+    def stop_workers(self, keep_queue_open: bool = False) -> None:
+        """Tell every worker to stop (each then shuts its engine down in its own thread)
+        and close the queue; returns at once. shutdown() joins them. `keep_queue_open`:
+        the trainer still holds a batch it will retire (its last step); a later call
+        closes the queue. Workers are told once."""
+        if not self._stopping:
+            self._stopping = True
+            log.info("workers_stopping", queue_open=keep_queue_open)
+            # The watchdog goes first: engines shutting down on purpose are not failures.
+            self._watchdog_stop.set()
+            if self._watchdog is not None:
+                self._watchdog.join(1.0)
+            for w in self.workers:
+                w.stop()
+        if not keep_queue_open:
+            self.queue.close(self._error)  # also wakes a worker blocked in acquire
 
     def shutdown(self, timeout: float = 30.0) -> list[str]:
         """Close the queue, stop and join the workers (each shuts its engine down), stop

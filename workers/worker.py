@@ -58,6 +58,30 @@ class SamplingSpec:
         return (self.seed * 1_000_003 + prompt_index * 7919 + 1) % (2**31 - 1)
 
 
+class ZeroStdFilter:
+    """Dynamic sampling (DAPO), shared by the workers: a group whose rewards are all equal
+    carries no advantage, so it is released and another prompt generated in its place, at
+    most `per_version` times per policy version (one training step). Past that budget such
+    groups go to the batch (they train nothing): a policy that solves, or fails, every
+    prompt keeps stepping instead of waiting for a spread that never comes."""
+
+    def __init__(self, per_version: int):
+        self.per_version = per_version
+        self._lock = threading.Lock()
+        self._version = -1
+        self._used = 0
+
+    def take(self, version: int) -> bool:
+        """True: release this group (budget left at `version`); False: batch it."""
+        with self._lock:
+            if version != self._version:
+                self._version, self._used = version, 0
+            if self._used >= self.per_version:
+                return False
+            self._used += 1
+            return True
+
+
 @dataclasses.dataclass
 class RolloutGroup:
     """One prompt's `group_size` completions, scored: the unit the trainer consumes."""
@@ -163,7 +187,7 @@ class GenerationWorker(threading.Thread):
         first_batch_share: int | None = None,
         start_gate: threading.Event | None = None,
         poll_s: float = 0.05,
-        filter_zero_std: bool = False,
+        filter_zero_std: ZeroStdFilter | None = None,
     ):
         super().__init__(name=f"gen-{index}", daemon=True)
         self.index = index
@@ -181,7 +205,7 @@ class GenerationWorker(threading.Thread):
         self._on_error = on_error
         self._start_gate = start_gate  # generation starts once it is set
         self._poll_s = poll_s
-        self._filter_zero_std = filter_zero_std  # release groups whose rewards are all equal
+        self._filter_zero_std = filter_zero_std  # releases groups whose rewards are all equal
         self._filtered: queue_mod.SimpleQueue = queue_mod.SimpleQueue()  # their prompt indices
         self._inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._active: dict[str, _Active] = {}  # request id -> group the engine generates
@@ -386,8 +410,11 @@ class GenerationWorker(threading.Thread):
                     self.stats["skipped"] += 1
                     continue
                 rewards, terms = scored
-                if self._filter_zero_std and len(set(rewards)) == 1:
-                    # No spread, no advantage: generate another prompt in its place (DAPO).
+                if (
+                    self._filter_zero_std is not None
+                    and len(set(rewards)) == 1
+                    and self._filter_zero_std.take(self._queue.version)
+                ):
                     slot.release(ReleaseReason.FILTERED)
                     self.stats["filtered"] += 1
                     self.stats["tokens"] += sum(len(c.token_ids) for c in comps)

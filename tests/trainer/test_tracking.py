@@ -187,7 +187,7 @@ def test_tensorboard_scalars_hparams_and_config_text(tmp_path, capfd, events):
     assert start.hparams["algo.group_size"].number_value == 8
     assert start.hparams["task.name"].string_value == "arithmetic"
     assert start.hparams["log.trackers"].string_value == '["tensorboard"]'
-    assert start.hparams["algo.filter_zero_std"].bool_value is False
+    assert start.hparams["algo.filter_zero_std"].bool_value is True
     (text,) = acc.Tensors("config/text_summary")
     assert "group_size: 8" in text.tensor_proto.string_val[0].decode()
 

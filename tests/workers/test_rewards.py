@@ -26,7 +26,7 @@ from workers.rewards import (
     RewardTimeout,
     TransientRewardError,
 )
-from workers.worker import GenerationWorker, PromptItem, SamplingSpec
+from workers.worker import GenerationWorker, PromptItem, SamplingSpec, ZeroStdFilter
 
 PROMPT = Prompt(index=7, text="q", answer="")
 
@@ -262,7 +262,7 @@ def test_filter_zero_std_releases_groups_without_spread_and_reports_their_prompt
     worker = GenerationWorker(
         0, build_engine=lambda: FakeEngine(), queue=queue, prompts=Prompts(),
         sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=rewards,
-        max_groups_in_flight=2, on_error=lambda w, e: None, poll_s=0.01, filter_zero_std=True,
+        max_groups_in_flight=2, on_error=lambda w, e: None, poll_s=0.01, filter_zero_std=ZeroStdFilter(100),
     )
     worker.start()
     try:
@@ -275,6 +275,29 @@ def test_filter_zero_std_releases_groups_without_spread_and_reports_their_prompt
     filtered = worker.take_filtered()
     assert filtered and all(i % 2 == 0 for i in filtered) and worker.take_filtered() == []
     assert queue.counters().released["filtered"] == worker.stats["filtered"] == len(filtered)
+
+
+def test_filter_zero_std_budget_batches_groups_without_spread_once_spent():
+    # Every group without spread: past its budget (3 per policy version) the filter lets
+    # them into the batch, which fills instead of waiting for a spread that never comes.
+    queue = RolloutQueue(max_staleness=0, groups_per_step=2)
+    rewards = pool(RewardFunction("flat", lambda texts, prompt: [1.0] * len(texts), group=True))
+    worker = GenerationWorker(
+        0, build_engine=lambda: FakeEngine(), queue=queue, prompts=Prompts(),
+        sampling=SamplingSpec(group_size=2, max_tokens=4), rewards=rewards,
+        max_groups_in_flight=2, on_error=lambda w, e: None, poll_s=0.01, filter_zero_std=ZeroStdFilter(3),
+    )
+    worker.start()
+    try:
+        first = queue.get_batch(2, timeout=10, health_check=lambda: None)  # both permits: generation stops
+    finally:
+        worker.stop()
+        worker.join(10)
+        rewards.shutdown()
+    assert [g.rewards for g in first] == [[1.0, 1.0]] * 2
+    filtered = worker.take_filtered()
+    assert sorted(filtered + [g.prompt_index for g in first]) == [0, 1, 2, 3, 4]
+    assert len(filtered) == worker.stats["filtered"] == queue.counters().released["filtered"] == 3
 
 
 def test_shutdown_ends_every_scorer_thread():
