@@ -121,7 +121,7 @@ def test_every_way_a_run_ends_with_one_rank_and_two_loses_nothing(tmp_path, tiny
     assert set(engine_pids) <= set(last["orphans_killed"])
     assert alive([first.proc.pid, child, *engine_pids]) == []
     # The killed engine's scratch directory (its sockets) was the launcher's to remove.
-    assert [name.split("-")[3] for name in last["tmp_removed"]] == ["engine0"], last["tmp_removed"]
+    assert [shm.scratch_label(name) for name in last["tmp_removed"]] == ["engine0"], last["tmp_removed"]
     assert first.files_left() == []
     # vLLM's message-queue segments (/dev/shm/psm_*): whatever its SIGKILLed processes
     # could not unlink, the launcher removed; /dev/shm is as it was before the run.

@@ -143,9 +143,11 @@ class Trainer:
         self.model_path = resolve_model_path(cfg.model.path)
         if not main:  # a follower: rank 0 says which checkpoint (if any) to load
             self._setup_policy()
-            checkpoint = self.ranks.receive()["checkpoint"]
-            if checkpoint is not None:
-                ckpt.load_checkpoint(checkpoint, self.policy, self.optimizer, self.device)
+            init = self.ranks.receive()
+            if init["warm_up"]:
+                warm_up_optimizer(self.optimizer)
+            if init["checkpoint"] is not None:
+                ckpt.load_checkpoint(init["checkpoint"], self.policy, self.optimizer, self.device)
             return
         if self.task is None:
             self.task = build_task(cfg.task, cfg.run.seed)
@@ -176,7 +178,7 @@ class Trainer:
         if self._complete:
             log.info("run_already_complete", steps=self.start_step, checkpoint=str(self.resumed_from))
             self._setup_policy()  # the other ranks join, then hear "stop"
-            self.ranks.send("init", {"checkpoint": None})
+            self.ranks.send("init", {"checkpoint": None, "warm_up": False})  # no step to warm up for
             return
         # Started in the background: a tracker's init (wandb's service) never delays the run.
         self.trackers = Trackers.start(
@@ -231,7 +233,8 @@ class Trainer:
         t0 = time.monotonic()
         self.supervisor.start()
         self._setup_policy()
-        self.ranks.send("init", {"checkpoint": str(self.resumed_from) if self.resumed_from else None})
+        warm_up_optimizer(self.optimizer)  # its state allocated now, while the engines start
+        self.ranks.send("init", {"checkpoint": str(self.resumed_from) if self.resumed_from else None, "warm_up": True})
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
         self.supervisor.wait_ready(cfg.engine.start_timeout_s, health_check=self._check_waiting, open_gate=False)
@@ -268,7 +271,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
         )
-        warm_up_optimizer(self.optimizer)  # its state allocated now, while the engines start
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id

@@ -97,6 +97,13 @@ def scratch_dir(label: str, directory: pathlib.Path = TMP_DIR) -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix=f"{_run_prefix()}{label}-", dir=directory))
 
 
+def scratch_label(name: str) -> str:
+    """The label a scratch directory named `name` was made with (see scratch_dir)."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"{name!r} is not a scratch directory of a run")
+    return name[len(PREFIX):].split("-", 2)[2].rsplit("-", 1)[0]  # past owner and pid, before mkdtemp's suffix
+
+
 def no_room(error: OSError) -> bool:
     """Whether an error from SharedWeights() means /dev/shm is too small (or absent)."""
     return error.errno in (errno.ENOSPC, errno.ENOENT, errno.EOPNOTSUPP, errno.ENOSYS)

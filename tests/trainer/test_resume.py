@@ -297,10 +297,17 @@ def test_resume_never_refuses_a_directory_with_checkpoints_and_a_bad_path_is_a_c
     assert not FakeEngine.instances[1:]  # neither started an engine
 
 
-def test_a_finished_run_resumed_again_does_nothing(tmp_path, tiny_model_path, fake_engine):
+def test_a_finished_run_resumed_again_does_nothing(tmp_path, tiny_model_path, fake_engine, monkeypatch):
+    warm_ups = []
+    warm_up = trainer_mod.warm_up_optimizer
+    monkeypatch.setattr(trainer_mod, "warm_up_optimizer", lambda opt: (warm_ups.append(opt), warm_up(opt)))
     Trainer(config(tmp_path, tiny_model_path, "run.steps=1"), task=LetterTask()).fit()
+    assert len(warm_ups) == 1  # a run that trains allocates its optimizer state up front
     FakeEngine.instances = []
+    again = Trainer(config(tmp_path, tiny_model_path, "run.steps=1"), task=LetterTask())
     with capture_logs() as logs:
-        history = Trainer(config(tmp_path, tiny_model_path, "run.steps=1"), task=LetterTask()).fit()
+        history = again.fit()
     assert history == [] and FakeEngine.instances == []
     assert any(e["event"] == "run_already_complete" for e in logs)
+    # No step follows: neither the optimizer warm-up nor any optimizer state.
+    assert len(warm_ups) == 1 and len(again.optimizer.state) == 0

@@ -52,11 +52,14 @@ def test_a_scratch_dir_is_named_after_the_run_and_swept_with_what_it_holds(tmp_p
     monkeypatch.setenv(shm.OWNER_ENV, "4243")
     scratch = shm.scratch_dir("engine0", directory=tmp_path)
     assert scratch.is_dir() and scratch.name.startswith(f"{shm.PREFIX}4243-{os.getpid()}-engine0-")
+    assert shm.scratch_label(scratch.name) == "engine0"  # what the launcher's tmp_removed names
+    dashed = shm.scratch_dir("eval-engine0", directory=tmp_path)
+    assert shm.scratch_label(dashed.name) == "eval-engine0"
     (scratch / "vllm_dist_x").write_bytes(b"x")  # what a killed EngineCore leaves
     other = shm.scratch_dir("engine1", directory=tmp_path)
     monkeypatch.setenv(shm.OWNER_ENV, "42430")
     foreign = shm.scratch_dir("engine0", directory=tmp_path)
-    assert shm.sweep(4243, directory=tmp_path) == sorted([scratch.name, other.name])
+    assert shm.sweep(4243, directory=tmp_path) == sorted([scratch.name, other.name, dashed.name])
     assert list(tmp_path.iterdir()) == [foreign]
 
 
