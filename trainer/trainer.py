@@ -362,7 +362,7 @@ class Trainer:
         for step in range(self.start_step, cfg.run.steps):
             structlog.contextvars.bind_contextvars(step=step)
             t0 = time.monotonic()
-            groups = self._get_batch(B)
+            groups = self.queue.get_batch(B, timeout=cfg.run.batch_timeout_s, health_check=self._check_waiting)
             t_batch = time.monotonic()
             # The last step, with no evaluation after it: what the engines would generate
             # from now on is never trained on, so they stop here. Their shutdown and the
@@ -465,13 +465,6 @@ class Trainer:
             M.REWARD_TIMEOUTS: self.rewards.stats["timeouts"],
             M.REWARD_ABANDONED_THREADS: self.rewards.stats["abandoned_threads"],
         }
-
-    def _get_batch(self, n: int) -> list[RolloutGroup]:
-        try:
-            return self.queue.get_batch(n, timeout=self.cfg.run.batch_timeout_s, health_check=self._check_waiting)
-        except QueueClosed:
-            self.supervisor.check()  # the worker error that closed the queue, if any
-            raise
 
     def _train_on(self, groups: list[RolloutGroup]) -> dict[str, float]:
         """Advantages over the whole batch, then one optimizer step; with ranks, each rank
@@ -831,6 +824,13 @@ class Trainer:
                     self.train()
                 except _StopRequested:
                     log.warning("stopping", step=self.step, reason="stop requested while waiting; step abandoned")
+                except QueueClosed:
+                    # A worker's error closed the queue, while the trainer waited for a
+                    # batch or while it trained on one (then retire() finds it closed):
+                    # the run fails with that error, not with the closed queue.
+                    if self.supervisor is not None:
+                        self.supervisor.check()
+                    raise
                 if self._stop_count and self.step < self.cfg.run.steps:
                     path = self._save_checkpoint() if self.step > 0 else None
                     interrupted = RunInterrupted(
