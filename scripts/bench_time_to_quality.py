@@ -24,8 +24,10 @@ model, --steps and set of variants, so one comparison does not replace another.
 Variants `trl`, `trl_fp32` and `trl_malloc_kept` are TRL's GRPOTrainer on the same job
 (scripts/trl_job.py: the same prompts, reward, held-out set and hyperparameters; bf16
 autocast, float32, or bf16 autocast with glibc keeping the memory the process frees, as
-the project's CPU trainer does), run in a virtual environment of its own, built on first use at TRL_VENV (torch from this
-machine's disk, TRL_PINS from PyPI): TRL is a benchmark dependency, never a runtime one.
+the project's CPU trainer does), run in a virtual environment of its own, built at TRL_VENV
+on first use and again whenever TRL_REQUIREMENTS changes (scripts/trl_requirements.txt:
+every package pinned; torch from this machine's disk, the rest from PyPI): TRL is a
+benchmark dependency, never a runtime one.
 """
 
 from __future__ import annotations
@@ -66,17 +68,22 @@ TRL_VARIANTS = {
     "trl_malloc_kept": ["--dtype", "mixed", "--keep-freed-memory"],  # the allocator setting of ours
 }
 TRL_VENV = default_cache_dir() / "bench-trl-venv"
-TRL_PINS = ["torch==2.13.0", "trl==1.16.0"]
+TRL_REQUIREMENTS = REPO / "scripts" / "trl_requirements.txt"
 THRESHOLDS = (0.8, 0.9)
 
 
 def trl_python() -> pathlib.Path:
-    """The TRL venv's interpreter, the venv built first if it is not there yet."""
+    """The TRL venv's interpreter; the venv is (re)built first unless it was built from
+    the current TRL_REQUIREMENTS (a copy of which it keeps) and imports trl."""
     python = TRL_VENV / "bin" / "python"
-    if subprocess.run([str(python), "-c", "import trl"], capture_output=True).returncode if python.exists() else True:
-        print(f"building {TRL_VENV} ({' '.join(TRL_PINS)})", file=sys.stderr, flush=True)
+    built_from = TRL_VENV / "requirements.txt"
+    wanted = TRL_REQUIREMENTS.read_text()
+    current = built_from.exists() and built_from.read_text() == wanted
+    if not current or subprocess.run([str(python), "-c", "import trl"], capture_output=True).returncode:
+        print(f"building {TRL_VENV} from {TRL_REQUIREMENTS}", file=sys.stderr, flush=True)
         venv.create(TRL_VENV, with_pip=True, clear=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(TRL_REQUIREMENTS)], check=True)
+        built_from.write_text(wanted)
     return python
 
 
