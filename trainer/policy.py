@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 
 import structlog
@@ -25,6 +27,7 @@ class TokenBatch:
     completion_mask: Tensor  # [N, T-1] 1 where column t predicts a completion token
     behaviour_logprobs: Tensor  # [N, T-1] vLLM's log-prob of that token (0 elsewhere)
     num_tokens: int  # completion tokens in the batch
+    first_column: int = 0  # no column before it predicts a completion token (the shortest prompt's length - 1)
 
     @staticmethod
     def build(
@@ -41,12 +44,14 @@ class TokenBatch:
         attention_mask = torch.zeros((n, t), dtype=torch.long)
         completion_mask = torch.zeros((n, t - 1), dtype=torch.float32)
         behaviour_lp = torch.zeros((n, t - 1), dtype=torch.float32)
+        first_column = t - 1
         for i, (p, c, b) in enumerate(zip(prompts, completions, behaviour)):
             seq = p + c
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, : len(seq)] = 1
             # Column len(p)-1 predicts the first completion token.
             start, end = len(p) - 1, len(p) - 1 + len(c)
+            first_column = min(first_column, start)
             completion_mask[i, start:end] = 1.0 if in_loss is None or in_loss[i] else 0.0
             behaviour_lp[i, start:end] = torch.tensor(b, dtype=torch.float32)
         return TokenBatch(
@@ -55,6 +60,7 @@ class TokenBatch:
             completion_mask=completion_mask.to(device),
             behaviour_logprobs=behaviour_lp.to(device),
             num_tokens=int(completion_mask.sum().item()),
+            first_column=first_column,
         )
 
 
@@ -73,21 +79,40 @@ def token_logprobs(
     dtype over float32 weights; everything from the logits on (log-softmax, entropy, the
     loss) is float32, so no log-prob is rounded to bfloat16."""
     device_type = batch.input_ids.device.type
+    # Only the columns from `first_column` on can predict a completion token: the LM
+    # head, the log-softmax and the entropy skip the prompt before them (most of each
+    # row once completions are short; SmolLM2's logits are 49152 wide). The model
+    # computes the logits of its last `keep` positions (HF's `logits_to_keep`).
+    first = batch.first_column if _takes_logits_to_keep(type(model)) else 0
+    keep = batch.input_ids.shape[1] - first
+    kwargs = {"logits_to_keep": keep} if first else {}
     with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits = logits[:, :-1].float()  # [N, T-1, V]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
+    logits = logits[:, :-1].float()  # [N, T-1-first, V]: columns first..T-2
     if temperature != 1.0:
         logits = logits / temperature
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [N, T-1, 1]
-    lse = torch.logsumexp(logits, dim=-1)  # [N, T-1]
+    targets = batch.input_ids[:, first + 1 :].unsqueeze(-1)  # [N, T-1-first, 1]
+    lse = torch.logsumexp(logits, dim=-1)  # [N, T-1-first]
     # log_softmax then gather, written as logit - logsumexp to avoid a second [N, T-1, V] tensor.
     logprobs = logits.gather(-1, targets).squeeze(-1) - lse
     if not with_entropy:
-        return logprobs, None
+        return _pad_columns(logprobs, first), None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         src, src_lse = (logits, lse) if entropy_grad else (logits.detach(), lse.detach())
         entropy = src_lse - (torch.softmax(src, dim=-1) * src).sum(-1)  # H = lse - E_p[logit]
-    return logprobs, entropy
+    return _pad_columns(logprobs, first), _pad_columns(entropy, first)
+
+
+def _pad_columns(values: Tensor, first: int) -> Tensor:
+    """[N, T-1-first] -> [N, T-1]: zeros in the prompt columns that were not computed
+    (outside every mask)."""
+    return torch.nn.functional.pad(values, (first, 0)) if first else values
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 _SAFETENSORS_DTYPES = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}

@@ -127,3 +127,39 @@ def test_mixed_precision_keeps_float32_weights_and_log_probs_close_to_float32(tm
     assert stats[M.MISMATCH_LOGPROB_DIFF_MEAN] < 0.05
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_logits_are_computed_only_from_the_first_completion_column(tiny_model_path, monkeypatch):
+    from trainer.models import load_model
+
+    model = load_model(tiny_model_path, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    # Prompts of 6 .. 12 tokens: no logits are needed before column 5 (the 6th token
+    # predicts the first completion token of the shortest-prompt row).
+    shapes = [(12, 3), (6, 9), (9, 1), (7, 5)]
+    ids = [torch.randint(5, 200, (p + c,), generator=g).tolist() for p, c in shapes]
+    batch = TokenBatch.build(
+        [s[:p] for s, (p, _) in zip(ids, shapes)], [s[p:] for s, (p, _) in zip(ids, shapes)],
+        [[0.0] * c for _, c in shapes], pad_id=0, device="cpu",
+    )
+    assert batch.first_column == 5 and batch.input_ids.shape[1] == 15
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[1]))
+
+    def logprobs_and_grads():
+        model.zero_grad(set_to_none=True)
+        lp, ent = token_logprobs(model, batch, 0.7, entropy_grad=True)
+        ((lp + 0.1 * ent) * batch.completion_mask).sum().backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp, ent, grads = logprobs_and_grads()
+    monkeypatch.setattr(policy_mod, "_takes_logits_to_keep", lambda model_class: False)  # every column
+    full_lp, full_ent, full_grads = logprobs_and_grads()
+    assert head_rows == [15 - 5, 15]  # positions 5..14 against all 15
+    assert lp.shape == full_lp.shape == (4, 14)
+    mask = batch.completion_mask > 0
+    torch.testing.assert_close(lp[mask], full_lp[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[mask], full_ent[mask], rtol=1e-5, atol=1e-5)
+    assert (lp[:, :5] == 0).all() and (ent[:, :5] == 0).all()  # not computed: outside every mask
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
