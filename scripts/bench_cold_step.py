@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.benchlib import quiet, record, table  # noqa: E402
+from scripts.benchlib import cpu_model, quiet, record, table  # noqa: E402
 
 SETTINGS = ("glibc", "trainer")
 
@@ -114,7 +114,7 @@ def main() -> None:
     rows.append([f"steps 2-{args.steps - 1}, all s", "", f"{warm['glibc']:.1f}", "", f"{warm['trainer']:.1f}",
                  f"({warm['glibc'] / warm['trainer']:.2f}x)"])
     warm_up = statistics.median(run["warm_up_s"] for run in runs["trainer"])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     body = (
         f"{args.model}, trainer.dtype={args.dtype}, {cpu}, {runs['glibc'][0]['threads']} torch threads; medians of "
         f"{args.rounds} fresh processes per setting, alternating; warm_up_optimizer took {warm_up:.1f} s before step 0\n\n"

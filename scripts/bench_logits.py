@@ -15,6 +15,7 @@ rounds after the first (the first pays the process's cold start).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -23,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.benchlib import quiet, record, table  # noqa: E402
+from scripts.benchlib import cpu_model, quiet, record, table  # noqa: E402
 
 COMPLETIONS = ((30, 48), (10, 30))  # token ranges: long (untrained policy), short (trained)
 PROMPT_TOKENS = 44
@@ -47,8 +48,7 @@ def main() -> None:
     device = torch.device("cpu")
     dtype, autocast = policy.resolve_dtype(args.dtype, device)
     model = load_model(resolve_model_path(args.model), device, dtype).train()
-    takes_logits_to_keep = policy._takes_logits_to_keep
-    ways = {"completion columns": takes_logits_to_keep, "every column": lambda model_class: False}
+    ways = ("completion columns", "every column")
     rng = random.Random(0)
     seconds = {(c, way): [] for c in COMPLETIONS for way in ways}
     widths = {c: [] for c in COMPLETIONS}
@@ -56,10 +56,12 @@ def main() -> None:
         for lo, hi in COMPLETIONS:
             prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)] for _ in range(args.rows)]
             completions = [[rng.randrange(100, 40000) for _ in range(rng.randrange(lo, hi))] for _ in range(args.rows)]
-            batch = policy.TokenBatch.build(prompts, completions, [[0.0] * len(c) for c in completions], 0, device)
-            widths[(lo, hi)].append(batch.input_ids.shape[1])
-            for way in (list(ways) if r % 2 else list(ways)[::-1]):
-                policy._takes_logits_to_keep = ways[way]
+            kept = policy.TokenBatch.build(prompts, completions, [[0.0] * len(c) for c in completions], 0, device)
+            # first_column 0: the logits of every column, as before logits_to_keep.
+            batches = {"completion columns": kept, "every column": dataclasses.replace(kept, first_column=0)}
+            widths[(lo, hi)].append(kept.input_ids.shape[1])
+            for way in (ways if r % 2 else ways[::-1]):
+                batch = batches[way]
                 t0 = time.perf_counter()
                 logprobs, _ = policy.token_logprobs(model, batch, 1.0, autocast=autocast)
                 (logprobs * batch.completion_mask).sum().backward()
@@ -67,7 +69,6 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
             print(f"round {r}, completions {lo}-{hi - 1}: "
                   + ", ".join(f"{way} {seconds[((lo, hi), way)][-1]:.2f} s" for way in ways), flush=True)
-    policy._takes_logits_to_keep = takes_logits_to_keep
 
     def med(c, way):
         return statistics.median(seconds[(c, way)][1:] or seconds[(c, way)])
@@ -78,7 +79,7 @@ def main() -> None:
          f"{med((lo, hi), 'every column') / med((lo, hi), 'completion columns'):.2f}x"]
         for lo, hi in COMPLETIONS
     ]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     body = (
         f"{args.model}, trainer.dtype={args.dtype}, {cpu}, {torch.get_num_threads()} torch threads, "
         f"{PROMPT_TOKENS}-token prompts; forward+backward seconds, medians of rounds 1-{args.rounds - 1}\n\n"

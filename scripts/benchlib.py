@@ -20,6 +20,15 @@ def quiet() -> None:
     configure_logging("console", "WARNING", stream=sys.stderr)
 
 
+def cpu_model() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it ("?" where it does not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
