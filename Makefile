@@ -32,8 +32,13 @@ models: $(STAMP)
 train: setup
 	$(PY) scripts/train.py $(ARGS)
 
+# Two pytest-xdist workers: a test waits mostly on imports in the engine's processes,
+# one core at a time (tests/conftest.py); worksteal hands an idle worker the other's
+# queued tests. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -35,6 +35,7 @@ def test_metric_names_have_one_home():
     assert M.LOSS_IS_CAPPED_FRAC == "loss/is_capped_frac"
 
 
+@pytest.mark.serial  # every file in /dev/shm and /tmp before and after
 def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     run_dir = tmp_path / "run"
     segments_before, tmp_before = shm.segments(), tmp_leftovers()

@@ -5,7 +5,8 @@ import pytest
 
 from tests.faults import HANG_TIMEOUT_S, SCENARIOS, inject
 
-pytestmark = pytest.mark.engine
+# serial: the kill-to-exit limits are wall-clock limits (tests/conftest.py).
+pytestmark = [pytest.mark.engine, pytest.mark.serial]
 
 KILL_TO_EXIT_LIMIT_S = 10.0
 

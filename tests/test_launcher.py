@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from scripts import train
 from tests.faults import REPO
 from tests.helpers import alive
@@ -118,6 +120,7 @@ def test_a_fatal_error_is_restarted_at_most_max_restarts_times(tmp_path, tiny_mo
     assert alive(children) == []
 
 
+@pytest.mark.serial  # every run file in /dev/shm before and after
 def test_shared_memory_a_killed_training_process_left_is_removed(tmp_path, tiny_model_path):
     before = set(SHM_DIR.glob(f"{PREFIX}*"))
     rc, events = run_cli(

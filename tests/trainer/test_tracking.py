@@ -471,6 +471,7 @@ def test_a_failing_tracker_is_reported_once_and_the_others_get_every_record(even
     assert not named(events, "tracker_close_timeout")
 
 
+@pytest.mark.serial  # 50 ms per log call, close within 0.45-1.0 s
 def test_a_slow_tracker_never_slows_log_and_close_gives_up_at_its_timeout(events):
     slow = FakeTracker("slow", log_wait_s=5.0)
     trackers = Trackers([slow])

@@ -58,6 +58,7 @@ def test_weighted_sum_per_sample_group_and_async_functions():
     assert p.stats["calls"] == 3 + 1 + 3
 
 
+@pytest.mark.serial  # each attempt within 0.3-1.0 s
 def test_a_stuck_call_times_out_names_function_and_prompt_and_abandons_its_thread():
     p = pool(RewardFunction("verifier", helpers.stuck_reward), timeout_s=0.3, max_attempts=2, wait_s=0.01)
     t0 = time.monotonic()

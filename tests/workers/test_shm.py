@@ -114,6 +114,7 @@ def test_without_room_in_dev_shm_the_weights_go_as_bytes(monkeypatch):
     out.close()
 
 
+@pytest.mark.serial  # sweeps every new segment in /dev/shm
 def test_sweep_segments_removes_only_new_unused_segments_of_this_user():
     """vLLM's message queues live in multiprocessing shared memory (/dev/shm/psm_*); a
     SIGKILLed run leaves them. The launcher removes those made during the run that no
