@@ -82,13 +82,9 @@ def _flock(f, operation: int) -> None:
             time.sleep(0.05)
 
 
-def _lock_dir() -> pathlib.Path:
-    return pathlib.Path(tempfile.gettempdir())
-
-
 def pytest_configure(config):
     worker = getattr(config, "workerinput", None)  # set in an xdist worker
-    config._serial_lock = SerialLock(_lock_dir(), worker["testrunuid"]) if worker else None
+    config._serial_lock = SerialLock(pathlib.Path(tempfile.gettempdir()), worker["testrunuid"]) if worker else None
 
 
 def pytest_unconfigure(config):
