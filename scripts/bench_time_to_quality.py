@@ -21,10 +21,10 @@ spread, so training time alone confounds speed with learning), the time to reach
 accuracies; and a PNG of accuracy against time (--png). One section and one PNG per
 model, --steps and set of variants, so one comparison does not replace another.
 
-Variants `trl`, `trl_fp32` and `trl_malloc_kept` are TRL's GRPOTrainer on the same job
-(scripts/trl_job.py: the same prompts, reward, held-out set and hyperparameters; bf16
-autocast, float32, or bf16 autocast with glibc keeping the memory the process frees, as
-the project's CPU trainer does), run in a virtual environment of its own, built at TRL_VENV
+Variants `trl`, `trl_fp32`, `trl_malloc_kept` and `trl_fp32_malloc_kept` are TRL's
+GRPOTrainer on the same job (scripts/trl_job.py: the same prompts, reward, held-out set
+and hyperparameters; bf16 autocast, float32, or either with glibc keeping the memory the
+process frees, as the project's CPU trainer does), run in a virtual environment of its own, built at TRL_VENV
 on first use and again whenever TRL_REQUIREMENTS changes (scripts/trl_requirements.txt:
 every package pinned; torch from this machine's disk, the rest from PyPI): TRL is a
 benchmark dependency, never a runtime one.
@@ -66,6 +66,8 @@ TRL_VARIANTS = {
     "trl": ["--dtype", "mixed"],
     "trl_fp32": ["--dtype", "float32"],
     "trl_malloc_kept": ["--dtype", "mixed", "--keep-freed-memory"],  # the allocator setting of ours
+    # ... in float32, as trainer.dtype=auto trains on a CPU that emulates bfloat16 (AVX2 only)
+    "trl_fp32_malloc_kept": ["--dtype", "float32", "--keep-freed-memory"],
 }
 TRL_VENV = default_cache_dir() / "bench-trl-venv"
 TRL_REQUIREMENTS = REPO / "scripts" / "trl_requirements.txt"

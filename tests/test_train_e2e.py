@@ -10,6 +10,7 @@ from trainer import Trainer, TrainerConfig
 from trainer import metrics as M
 from tests.helpers import LetterTask, alive, run_threads
 from trainer.models import load_policy
+from trainer.policy import TokenBatch
 
 pytestmark = pytest.mark.engine
 
@@ -46,9 +47,18 @@ def fit_recording_engine_pids(trainer):
     return trainer.fit(), pids
 
 
-def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
+def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_model_path, "run.steps=3", "algo.max_staleness=0")
     trainer = Trainer(cfg, task=LetterTask())
+    shared = []  # per micro-batch: whether rows shared their prompt's forward (trainer.share_prompts)
+    build = TokenBatch.build
+
+    def recording_build(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        shared.append(batch.prompts is not None)
+        return batch
+
+    monkeypatch.setattr(TokenBatch, "build", staticmethod(recording_build))
     history, pids = fit_recording_engine_pids(trainer)
 
     assert [h[M.STEP] for h in history] == [0, 1, 2]
@@ -64,9 +74,11 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path):
     # Synchronous (max_staleness=0): every group was sampled entirely by the weights the
     # trainer held at that step, so the engine's log-probs match the trainer's. At steps
     # 1 and 2 that holds only if the engine received the trained weights.
+    # The trainer's log-probs come from forwarding each group's prompt once.
     for h in history:
         assert h[M.STALENESS_MAX] == 0
         assert h[M.SYNC_LOGPROB_MAX_DIFF] < 1e-3, h
+    assert shared and all(shared), shared
     # ...and training moved the log-probs by far more than that tolerance.
     seq = torch.tensor([list(range(100, 140))])
     with torch.no_grad():

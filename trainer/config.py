@@ -225,6 +225,12 @@ class TrainerDeviceConfig:
     handing it back to the kernel (each micro-batch reuses the last one's pages instead
     of faulting them in again; measured in README's Running section); resident memory
     stays at the step's peak. No effect on a GPU or off glibc"""
+    share_prompts: bool = True
+    """forward each prompt once per micro-batch: the rows of a group (one prompt, many
+    completions) attend to the prompt's one set of keys and values instead of each
+    forwarding it (the same log-probs and gradients up to float rounding, in less time:
+    README's Running section). Off, with trainer.ranks > 1 (FSDP), or with a model whose
+    forward takes no key/value cache: every row forwards its whole sequence"""
 
 
 @dataclasses.dataclass

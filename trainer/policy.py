@@ -18,16 +18,34 @@ log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass
+class SharedPrompts:
+    """The distinct prompts of a micro-batch, each forwarded once: rows that continue the
+    same prompt (a group's samples) attend to its one set of keys and values instead of
+    forwarding it again (in a default step the prompt is half of each row's tokens)."""
+
+    input_ids: Tensor  # [K, P] each distinct prompt but its last token, right-padded
+    attention_mask: Tensor  # [K, P]
+    row_prompt: Tensor  # [N] which of the K prompts each row continues
+
+
+@dataclasses.dataclass
 class TokenBatch:
     """Prompt + completion sequences, right-padded, in the "predicts the next token"
-    layout: column t holds what the model says about token t+1."""
+    layout: column t holds what the model says about token t+1.
 
-    input_ids: Tensor  # [N, T] prompt + completion + padding
-    attention_mask: Tensor  # [N, T]
+    With `prompts` (TokenBatch.build(share_prompts=True) on rows that share prompts) the
+    rows hold only what follows the prompts' forward: each row's last prompt token, its
+    completion and padding, at `position_ids`; column t still predicts token t+1, so
+    column 0 predicts the first completion token."""
+
+    input_ids: Tensor  # [N, T] prompt + completion + padding (shared prompts: last prompt token + completion + padding)
+    attention_mask: Tensor  # [N, T] (shared prompts: [N, P + T], the prompt's mask then the row's)
     completion_mask: Tensor  # [N, T-1] 1 where column t predicts a completion token
     behaviour_logprobs: Tensor  # [N, T-1] vLLM's log-prob of that token (0 elsewhere)
     num_tokens: int  # completion tokens in the batch
     first_column: int = 0  # no column before it predicts a completion token (the shortest prompt's length - 1)
+    prompts: SharedPrompts | None = None
+    position_ids: Tensor | None = None  # [N, T] shared prompts: each token's position in its sequence
 
     @staticmethod
     def build(
@@ -37,23 +55,42 @@ class TokenBatch:
         pad_id: int,
         device: torch.device | str,
         in_loss: list[bool] | None = None,  # [N] False: the row's tokens stay out of the loss mask
+        share_prompts: bool = False,  # forward each distinct prompt once where rows repeat one
     ) -> TokenBatch:
         n = len(prompts)
-        t = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        shared = _shares_prompts(prompts, share_prompts)
+        # The tokens each row forwards itself: all of them, or the last prompt token on.
+        own = [(p[-1:] if shared else p) + c for p, c in zip(prompts, completions)]
+        t = max(map(len, own))
         input_ids = torch.full((n, t), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((n, t), dtype=torch.long)
         completion_mask = torch.zeros((n, t - 1), dtype=torch.float32)
         behaviour_lp = torch.zeros((n, t - 1), dtype=torch.float32)
         first_column = t - 1
-        for i, (p, c, b) in enumerate(zip(prompts, completions, behaviour)):
-            seq = p + c
+        for i, (seq, c, b) in enumerate(zip(own, completions, behaviour)):
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, : len(seq)] = 1
-            # Column len(p)-1 predicts the first completion token.
-            start, end = len(p) - 1, len(p) - 1 + len(c)
+            # Column len(seq)-len(c)-1 (the last prompt token's) predicts the first completion token.
+            start = len(seq) - len(c) - 1
             first_column = min(first_column, start)
-            completion_mask[i, start:end] = 1.0 if in_loss is None or in_loss[i] else 0.0
-            behaviour_lp[i, start:end] = torch.tensor(b, dtype=torch.float32)
+            completion_mask[i, start : start + len(c)] = 1.0 if in_loss is None or in_loss[i] else 0.0
+            behaviour_lp[i, start : start + len(c)] = torch.tensor(b, dtype=torch.float32)
+        shared_prompts = position_ids = None
+        if shared:
+            distinct = list(dict.fromkeys(map(tuple, prompts)))
+            width = max(map(len, distinct)) - 1
+            prompt_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+            prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long)
+            for k, p in enumerate(distinct):
+                prompt_ids[k, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
+                prompt_mask[k, : len(p) - 1] = 1
+            index = {p: k for k, p in enumerate(distinct)}
+            row_prompt = torch.tensor([index[tuple(p)] for p in prompts], dtype=torch.long)
+            shared_prompts = SharedPrompts(prompt_ids.to(device), prompt_mask.to(device), row_prompt.to(device))
+            attention_mask = torch.cat([prompt_mask[row_prompt], attention_mask], dim=1)
+            # Each row goes on from its own prompt's end, whatever the padding before it.
+            position_ids = torch.tensor([len(p) - 1 for p in prompts]).unsqueeze(1) + torch.arange(t)
+            position_ids = position_ids.to(device)
         return TokenBatch(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -61,7 +98,49 @@ class TokenBatch:
             behaviour_logprobs=behaviour_lp.to(device),
             num_tokens=int(completion_mask.sum().item()),
             first_column=first_column,
+            prompts=shared_prompts,
+            position_ids=position_ids,
         )
+
+
+def _shares_prompts(prompts: list[list[int]], share_prompts: bool) -> bool:
+    """Whether TokenBatch.build forwards these rows' prompts once: asked to, and some row
+    repeats a prompt (a one-token prompt leaves nothing to forward first, and its
+    all-padding row would attend to nothing)."""
+    distinct = set(map(tuple, prompts))
+    return share_prompts and len(distinct) < len(prompts) and min(map(len, distinct)) >= 2
+
+
+def forwarded_tokens(prompts: list[list[int]], completions: list[list[int]], share_prompts: bool) -> int:
+    """The tokens, padding included, that the model forwards for TokenBatch.build's batch
+    of these rows (its compute, but for attention)."""
+    if _shares_prompts(prompts, share_prompts):
+        distinct = set(map(tuple, prompts))
+        return len(distinct) * (max(map(len, distinct)) - 1) + len(prompts) * (max(map(len, completions)) + 1)
+    return len(prompts) * max(len(p) + len(c) for p, c in zip(prompts, completions))
+
+
+def micro_batch_order(rows: list[dict], share_prompts: bool, size: int) -> list[dict]:
+    """The rows ({"prompt": ids, "completion": ids, ...}) in the order the trainer cuts
+    them into micro-batches of `size`, each padded to its own longest. The loss is a sum
+    over rows, so the order changes nothing but what is computed: of rows sorted by
+    length, by prompt (each prompt forwarded once per micro-batch) or by completion length
+    (a few prompts per micro-batch, little padding), the order that forwards the fewest
+    tokens."""
+
+    def cost(order: list[dict]) -> int:
+        chunks = [order[k : k + size] for k in range(0, len(order), size)]
+        return sum(forwarded_tokens([r["prompt"] for r in c], [r["completion"] for r in c], share_prompts) for c in chunks)
+
+    orders = [sorted(rows, key=lambda r: len(r["prompt"]) + len(r["completion"]), reverse=True)]
+    if share_prompts:
+        longest: dict[tuple, int] = {}  # prompt -> its longest completion
+        for r in rows:
+            key = tuple(r["prompt"])
+            longest[key] = max(longest.get(key, 0), len(r["completion"]))
+        orders.append(sorted(rows, key=lambda r: (longest[tuple(r["prompt"])], r["prompt"], len(r["completion"])), reverse=True))
+        orders.append(sorted(rows, key=lambda r: len(r["completion"]), reverse=True))
+    return min(orders, key=cost)  # the first of equals: by length
 
 
 def token_logprobs(
@@ -77,7 +156,12 @@ def token_logprobs(
 
     `autocast` (mixed precision: trainer.dtype=mixed): the forward's matmuls run in that
     dtype over float32 weights; everything from the logits on (log-softmax, entropy, the
-    loss) is float32, so no log-prob is rounded to bfloat16."""
+    loss) is float32, so no log-prob is rounded to bfloat16.
+
+    Shared prompts (`batch.prompts`): a first forward of the distinct prompts makes
+    their keys and values (with their gradient), each row gets its prompt's, and the
+    rows' own tokens are forwarded after them; the gradient of a shared prompt sums
+    over the rows that continue it, as if each had forwarded it."""
     device_type = batch.input_ids.device.type
     # Only the columns from `first_column` on can predict a completion token: the LM
     # head, the log-softmax and the entropy skip the prompt before them (most of each
@@ -87,6 +171,14 @@ def token_logprobs(
     keep = batch.input_ids.shape[1] - first
     kwargs = {"logits_to_keep": keep} if first else {}
     with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        if batch.prompts is not None:
+            # logits_to_keep=1: the prompts' logits are not needed, only their cache.
+            cache = model(
+                input_ids=batch.prompts.input_ids, attention_mask=batch.prompts.attention_mask,
+                use_cache=True, logits_to_keep=1,
+            ).past_key_values
+            cache.reorder_cache(batch.prompts.row_prompt)  # [K, ...] -> [N, ...], a gather autograd goes back through
+            kwargs.update(past_key_values=cache, position_ids=batch.position_ids)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
     logits = logits[:, :-1].float()  # [N, T-1-first, V]: columns first..T-2
     if temperature != 1.0:
@@ -113,6 +205,13 @@ def _pad_columns(values: Tensor, first: int) -> Tensor:
 def _takes_logits_to_keep(model_class: type) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether token_logprobs can forward a batch's shared prompts once: the model takes
+    a key/value cache, position ids and `logits_to_keep` (transformers' causal LMs do)."""
+    params = inspect.signature(type(model).forward).parameters
+    return _takes_logits_to_keep(type(model)) and {"past_key_values", "position_ids", "use_cache"} <= params.keys()
 
 
 _SAFETENSORS_DTYPES = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}

@@ -54,7 +54,8 @@ from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import check_in_blocks, load_model, load_tokenizer, resolve_model_path
 from trainer.policy import (
-    EngineWeights, TokenBatch, resolve_device, resolve_dtype, token_logprobs, warm_up_optimizer, weights_to_bytes,
+    EngineWeights, TokenBatch, can_share_prompts, micro_batch_order, resolve_device, resolve_dtype, token_logprobs,
+    warm_up_optimizer, weights_to_bytes,
 )
 from trainer.progress import StepBar
 from trainer.prompts import PromptCursor, TrainedPrompts, scan_overlong
@@ -257,13 +258,17 @@ class Trainer:
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
         self.policy = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).train())
         check_in_blocks(self.policy, self._check)  # a worker error or a stop ends a micro-batch early
+        # One rank only: under FSDP2 a shared prompt's keys and values carry their gradient
+        # back into each block outside the block's output, where FSDP's backward hooks
+        # would gather the block's weights first, so the backward finds them freed.
+        self.share_prompts = cfg.trainer.share_prompts and self.world == 1 and can_share_prompts(self.policy)
         if self.tokenizer is None:  # rank 0 loaded it first, for the prompts
             self.tokenizer = load_tokenizer(self.model_path)
         log.info(
             "setup", model=str(self.model_path), device=str(self.device), dtype=str(self.dtype),
             autocast=str(self.autocast) if self.autocast else None, pid=os.getpid(),
             policy_shard_mib=round(sum(_local(p).nbytes for p in self.policy.parameters()) / 2**20, 1),
-            malloc_keeps_freed=malloc_keeps_freed,
+            malloc_keeps_freed=malloc_keeps_freed, share_prompts=self.share_prompts,
         )
         self.reference = None  # the frozen initial policy, for algo.kl_coef
         if cfg.algo.kl_coef > 0:
@@ -526,10 +531,7 @@ class Trainer:
         # (and their collectives) run with a zero loss.
         empty = {"prompt": [self.pad_id], "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
                  "on_policy": False, "advantage": 0.0}
-        # Rows of similar length share a micro-batch, each padded to its own longest: the
-        # loss is a sum over rows (norm is the batch's), so the grouping changes nothing
-        # but the padding computed.
-        rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["completion"]), reverse=True)
+        rows = micro_batch_order(rows, self.share_prompts, cfg.algo.micro_batch_size)  # the fewest tokens to forward
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"entropy": 0.0, "kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "capped": 0.0, "tokens": 0,
                 "lp_diff": 0.0, "ratio": 0.0}
@@ -545,6 +547,7 @@ class Trainer:
                 pad_id=self.pad_id,
                 device=self.device,
                 in_loss=[r["in_loss"] for r in chunk],
+                share_prompts=self.share_prompts,
             )
             advantages = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=self.device)  # [n]
             on_policy = torch.tensor([r["on_policy"] for r in chunk], device=self.device)  # [n]

@@ -13,7 +13,7 @@ from workers import hardware
 from trainer import Trainer, TrainerConfig
 from trainer import metrics as M
 from trainer.loss import LossNorm
-from trainer.policy import TokenBatch, resolve_dtype, token_logprobs
+from trainer.policy import TokenBatch, forwarded_tokens, micro_batch_order, resolve_dtype, token_logprobs
 
 
 def test_trainer_dtype_resolves_to_weights_and_autocast(monkeypatch):
@@ -163,3 +163,112 @@ def test_logits_are_computed_only_from_the_first_completion_column(tiny_model_pa
     assert (lp[:, :5] == 0).all() and (ent[:, :5] == 0).all()  # not computed: outside every mask
     for name in grads:
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def shared_prompt_rows():
+    """Three prompts of 2, 7 and 11 tokens with 3, 1 and 4 completions of 1 .. 9 tokens."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for p, completions in ((7, (4, 9, 1)), (2, (5,)), (11, (2, 6, 6, 3))):
+        prompt = torch.randint(5, 200, (p,), generator=g).tolist()
+        rows += [(prompt, torch.randint(5, 200, (c,), generator=g).tolist()) for c in completions]
+    return rows
+
+
+def test_shared_prompts_are_forwarded_once_with_the_same_log_probs_entropy_and_gradients(tiny_model_path):
+    from trainer.models import load_model
+
+    model = load_model(tiny_model_path, "cpu", torch.float32)
+    rows = shared_prompt_rows()
+    forwarded = []  # tokens per forward
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: forwarded.append(args[0].numel()))
+
+    def logprobs_and_grads(share):
+        batch = TokenBatch.build([p for p, _ in rows], [c for _, c in rows], [[0.0] * len(c) for _, c in rows],
+                                 pad_id=0, device="cpu", share_prompts=share)
+        model.zero_grad(set_to_none=True)
+        forwarded.clear()
+        lp, ent = token_logprobs(model, batch, 0.7, entropy_grad=True)
+        ((lp + 0.1 * ent) * batch.completion_mask).sum().backward()
+        mask = batch.completion_mask > 0
+        return batch, list(forwarded), lp[mask], ent[mask], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared, shared_tokens, lp, ent, grads = logprobs_and_grads(True)
+    plain, plain_tokens, full_lp, full_ent, full_grads = logprobs_and_grads(False)
+    assert plain.prompts is None and plain_tokens == [8 * 17]  # every row: its prompt + completion, padded to 17
+    # The prompts but their last token once ([3, 10]), then each row from its last prompt token on ([8, 10]).
+    assert shared.prompts.input_ids.shape == (3, 10) and shared.prompts.row_prompt.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert shared_tokens == [3 * 10, 8 * 10] and shared.input_ids.shape == (8, 10)
+    assert shared.attention_mask.shape == (8, 20) and shared.num_tokens == plain.num_tokens == 36
+    # The row of the 2-token prompt: its one earlier token, then its own 6; its positions go on from 1.
+    assert shared.attention_mask[3].tolist() == [1] + [0] * 9 + [1] * 6 + [0] * 4
+    assert shared.position_ids[3].tolist() == list(range(1, 11))
+    torch.testing.assert_close(lp, full_lp, rtol=1e-5, atol=1e-5)  # the same tokens in the same order
+    torch.testing.assert_close(ent, full_ent, rtol=1e-5, atol=1e-5)
+    assert_same_gradients(grads, full_grads)
+
+
+def assert_same_gradients(grads, expected):
+    """Equal up to float32 summation order: per tensor, |difference| <= 1e-5 |expected|."""
+    for name, g in grads.items():
+        assert (g - expected[name]).norm() <= 1e-5 * expected[name].norm() + 1e-8, name
+    assert any(g.norm() > 0 for g in expected.values())
+
+
+def test_rows_share_prompts_only_where_a_prompt_repeats_and_has_two_tokens():
+    def build(prompts):
+        return TokenBatch.build(prompts, [[9]] * len(prompts), [[0.0]] * len(prompts), 0, "cpu", share_prompts=True)
+
+    assert build([[1, 2], [3, 4]]).prompts is None  # nothing repeats
+    assert build([[1], [1]]).prompts is None  # a one-token prompt: nothing to forward before the rows
+    assert build([[1, 2], [1, 2], [3]]).prompts is None
+    assert build([[1, 2], [1, 2], [3, 4]]).prompts.row_prompt.tolist() == [0, 0, 1]
+
+
+def test_a_step_with_shared_prompts_sums_to_the_gradient_of_one_without(tmp_path, tiny_model_path, monkeypatch):
+    t = trainer_without_engines(tmp_path, tiny_model_path, "trainer.dtype=float32")
+    assert t.share_prompts  # the default, and the tiny model takes a key/value cache
+    plain_rows = rows_for(t)
+    behaviour = {tuple(r["prompt"] + r["completion"]): r["behaviour"] for r in plain_rows}
+    rows = []
+    for i, (p, c) in enumerate(shared_prompt_rows()):
+        lp = behaviour.get(tuple(p + c)) or [-1.0] * len(c)
+        rows.append({"prompt": p, "completion": c, "behaviour": lp, "in_loss": True, "on_policy": False,
+                     "advantage": [1.0, -0.5, 0.25][i % 3]})
+    shared, built_shared, shared_stats = grads_after_step(t, rows, 4, monkeypatch)
+    t.share_prompts = False
+    plain, built_plain, plain_stats = grads_after_step(t, rows, 4, monkeypatch)
+    # Shared: the rows of one prompt together (the order that forwards the fewest tokens
+    # here), each micro-batch as wide as its longest completion + 1. Plain: by length, as
+    # wide as its longest row.
+    assert [(n, w) for n, w, _ in built_shared] == [(4, 10), (4, 7)]
+    assert [(n, w) for n, w, _ in built_plain] == [(4, 17), (4, 13)]
+    assert_same_gradients(shared, plain)
+    assert shared_stats[M.LOSS_POLICY] == pytest.approx(plain_stats[M.LOSS_POLICY], rel=1e-5)
+
+
+def test_micro_batches_are_ordered_to_forward_the_fewest_tokens():
+    def rows(*spec):  # (prompt id, prompt length, completion length)
+        return [{"prompt": [k] * p, "completion": [7] * c} for k, p, c in spec]
+
+    def widths(order, size):
+        return [[len(r["completion"]) for r in order[i : i + size]] for i in range(0, len(order), size)]
+
+    # Two prompts, each with one long completion: by completion length, the long ones share
+    # a micro-batch (2 x 9 + 2 x 21 = 60, then 2 x 9 + 2 x 3 = 24 tokens) instead of each
+    # prompt's (9 + 2 x 21 = 51, twice).
+    two = rows((1, 10, 20), (1, 10, 2), (2, 10, 20), (2, 10, 1))
+    assert forwarded_tokens([[1] * 10, [2] * 10], [[7] * 20, [7] * 20], True) == 60
+    assert forwarded_tokens([[1] * 10, [1] * 10], [[7] * 20, [7] * 2], True) == 51
+    assert widths(micro_batch_order(two, True, 2), 2) == [[20, 20], [2, 1]]
+    # Four rows of one prompt and one of another, micro-batches of 4: sorted by whole
+    # length, the four share theirs (9 + 4 x 6 = 33, then 11 for the other row); by prompt
+    # or by completion length, the 6-token prompt's row joins the first micro-batch (2 x 9
+    # + 4 x 6 = 42, then 12 for the row left over).
+    grouped = rows((1, 10, 5), (2, 6, 5), (1, 10, 4), (1, 10, 3), (1, 10, 2))
+    assert [r["prompt"][0] for r in micro_batch_order(grouped, True, 4)] == [1, 1, 1, 1, 2]
+    # Without sharing (or with distinct prompts): by whole length, longest first.
+    assert widths(micro_batch_order(two, False, 2), 2) == [[20, 20], [2, 1]]
+    assert forwarded_tokens([[1] * 10, [1] * 10], [[7] * 20, [7] * 2], False) == 2 * 30
+    distinct = rows((1, 2, 1), (2, 10, 30), (3, 3, 4))
+    assert [len(r["prompt"]) + len(r["completion"]) for r in micro_batch_order(distinct, True, 2)] == [40, 7, 3]
