@@ -185,8 +185,8 @@ def main() -> None:
             for name, overrides in variants.items():
                 r = run_one(name, overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
                 results.setdefault(name, []).append(r)
-                print(f"{name} seed {seed}: {r['wall_s']:.0f} s, accuracy {[round(a, 2) for _, a in r['curve']]}",
-                      file=sys.stderr, flush=True)
+                print(f"{name} seed {seed}: {r['wall_s']:.0f} s, {r['step_s']:.1f} s/step, (training s, accuracy) "
+                      f"{[(round(t), round(a, 2)) for t, a in r['curve']]}", file=sys.stderr, flush=True)
 
     rows = []
     for name, runs in results.items():
