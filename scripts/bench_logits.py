@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.benchlib import cpu_model, quiet, record, table  # noqa: E402
+from scripts.benchlib import cpu_model, quiet, record, table, training_model  # noqa: E402
 
 COMPLETIONS = ((30, 48), (10, 30))  # token ranges: long (untrained policy), short (trained)
 PROMPT_TOKENS = 44
@@ -41,13 +41,9 @@ def main() -> None:
     import torch
 
     import trainer.policy as policy
-    from trainer.models import load_model, resolve_model_path
-    from workers.hardware import keep_freed_memory
 
-    keep_freed_memory()
     device = torch.device("cpu")
-    dtype, autocast = policy.resolve_dtype(args.dtype, device)
-    model = load_model(resolve_model_path(args.model), device, dtype).train()
+    model, autocast = training_model(args.model, args.dtype)
     ways = ("completion columns", "every column")
     rng = random.Random(0)
     seconds = {(c, way): [] for c in COMPLETIONS for way in ways}

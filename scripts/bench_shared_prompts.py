@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.benchlib import cpu_model, quiet, record, table  # noqa: E402
+from scripts.benchlib import cpu_model, quiet, record, table, training_model  # noqa: E402
 
 COMPLETIONS = {  # name -> the token counts of a group's completions
     "30-47": lambda rng, g: [rng.randrange(30, 48) for _ in range(g)],
@@ -49,13 +49,9 @@ def main() -> None:
     import torch
 
     import trainer.policy as policy
-    from trainer.models import load_model, resolve_model_path
-    from workers.hardware import keep_freed_memory
 
-    keep_freed_memory()
     device = torch.device("cpu")
-    dtype, autocast = policy.resolve_dtype(args.dtype, device)
-    model = load_model(resolve_model_path(args.model), device, dtype).train()
+    model, autocast = training_model(args.model, args.dtype)
     assert policy.can_share_prompts(model), args.model
     ways = {"shared prompts": True, "whole rows": False}
     rng = random.Random(0)

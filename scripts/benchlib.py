@@ -20,6 +20,21 @@ def quiet() -> None:
     configure_logging("console", "WARNING", stream=sys.stderr)
 
 
+def training_model(model: str, dtype: str):
+    """The policy as the CPU trainer holds it, for a benchmark of its forward and backward:
+    (model in train mode, autocast dtype or None); memory kept as the trainer keeps it."""
+    import torch
+
+    from trainer.models import load_model, resolve_model_path
+    from trainer.policy import resolve_dtype
+    from workers.hardware import keep_freed_memory
+
+    keep_freed_memory()
+    device = torch.device("cpu")
+    weights, autocast = resolve_dtype(dtype, device)
+    return load_model(resolve_model_path(model), device, weights).train(), autocast
+
+
 def cpu_model() -> str:
     """The processor's model name, as /proc/cpuinfo gives it ("?" where it does not)."""
     try:
