@@ -13,6 +13,7 @@ import safetensors.torch
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.models import resolve_model_path
+from trainer.policy import TokenBatch
 from trainer.trainer import Trainer
 from workers.worker import RolloutGroup
 
@@ -52,7 +53,16 @@ def main(out: str) -> None:
         trainer._follow()
         return
     trainer.queue = types.SimpleNamespace(version=0)
-    stats = trainer._train_on(fixed_groups())
+    shared = []  # per micro-batch of rank 0: whether its rows shared their prompts' forward
+    build = TokenBatch.build
+
+    def recording_build(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        shared.append(batch.prompts is not None)
+        return batch
+
+    TokenBatch.build = recording_build
+    stats = {**trainer._train_on(fixed_groups()), "shared": shared}
     trainer.ranks.send("model")
     weights = ckpt.full_weights(trainer.policy)
     trainer.ranks.send("stop", {"exit_code": 0})

@@ -42,6 +42,9 @@ def test_two_ranks_take_the_same_optimizer_step_as_one(tmp_path):
     assert diff < 1e-5, diff  # ... the same way with two ranks
     for key in ("loss/policy", "loss/grad_norm", "loss/entropy", "loss/clip_frac", "loss/is_ratio_max"):
         assert two_stats[key] == pytest.approx(one_stats[key], rel=1e-4, abs=1e-6), key
+    # Both forwarded each prompt once per micro-batch (trainer.share_prompts): one rank
+    # where a prompt repeats, two ranks in every micro-batch, so that their collectives match.
+    assert any(one_stats["shared"]) and two_stats["shared"] and all(two_stats["shared"]), (one_stats, two_stats)
 
 
 def test_rows_are_split_by_tokens():

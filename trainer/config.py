@@ -229,8 +229,8 @@ class TrainerDeviceConfig:
     """forward each prompt once per micro-batch: the rows of a group (one prompt, many
     completions) attend to the prompt's one set of keys and values instead of each
     forwarding it (the same log-probs and gradients up to float rounding, in less time:
-    README's Running section). Off, with trainer.ranks > 1 (FSDP), or with a model whose
-    forward takes no key/value cache: every row forwards its whole sequence"""
+    README's Running section). Off, or with a model whose forward takes no key/value
+    cache: every row forwards its whole sequence"""
 
 
 @dataclasses.dataclass

@@ -56,9 +56,10 @@ class TokenBatch:
         device: torch.device | str,
         in_loss: list[bool] | None = None,  # [N] False: the row's tokens stay out of the loss mask
         share_prompts: bool = False,  # forward each distinct prompt once where rows repeat one
+        even_unrepeated: bool = False,  # ... and where none repeats (ranks must all forward alike)
     ) -> TokenBatch:
         n = len(prompts)
-        shared = _shares_prompts(prompts, share_prompts)
+        shared = _shares_prompts(prompts, share_prompts, even_unrepeated)
         # The tokens each row forwards itself: all of them, or the last prompt token on.
         own = [(p[-1:] if shared else p) + c for p, c in zip(prompts, completions)]
         t = max(map(len, own))
@@ -103,12 +104,17 @@ class TokenBatch:
         )
 
 
-def _shares_prompts(prompts: list[list[int]], share_prompts: bool) -> bool:
-    """Whether TokenBatch.build forwards these rows' prompts once: asked to, and some row
-    repeats a prompt (a one-token prompt leaves nothing to forward first, and its
-    all-padding row would attend to nothing)."""
+def _shares_prompts(prompts: list[list[int]], share_prompts: bool, even_unrepeated: bool = False) -> bool:
+    """Whether TokenBatch.build forwards these rows' prompts once: asked to, some row
+    repeats a prompt (or even_unrepeated), and every prompt can be shared."""
     distinct = set(map(tuple, prompts))
-    return share_prompts and len(distinct) < len(prompts) and min(map(len, distinct)) >= 2
+    return share_prompts and (even_unrepeated or len(distinct) < len(prompts)) and can_share(prompts)
+
+
+def can_share(prompts: list[list[int]]) -> bool:
+    """Whether these prompts can be forwarded before their rows: a one-token prompt leaves
+    nothing to forward first (its all-padding row would attend to nothing)."""
+    return min(map(len, prompts)) >= 2
 
 
 def forwarded_tokens(prompts: list[list[int]], completions: list[list[int]], share_prompts: bool) -> int:
@@ -145,7 +151,7 @@ def micro_batch_order(rows: list[dict], share_prompts: bool, size: int) -> list[
 
 def token_logprobs(
     model: torch.nn.Module, batch: TokenBatch, temperature: float, entropy_grad: bool = False,
-    with_entropy: bool = True, autocast: torch.dtype | None = None,
+    with_entropy: bool = True, autocast: torch.dtype | None = None, sharded: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob under the policy of each next token, and the entropy of the policy's
     next-token distribution there: ([N, T-1], [N, T-1]). Logits are divided by the
@@ -161,7 +167,11 @@ def token_logprobs(
     Shared prompts (`batch.prompts`): a first forward of the distinct prompts makes
     their keys and values (with their gradient), each row gets its prompt's, and the
     rows' own tokens are forwarded after them; the gradient of a shared prompt sums
-    over the rows that continue it, as if each had forwarded it."""
+    over the rows that continue it, as if each had forwarded it. `sharded` (FSDP2):
+    backward gathers a block's weights when gradient reaches the block's output, and
+    the prompts' forward's last block would get gradient only through its keys and
+    values, inside the block; its output joins the log-probs with a zero weight, so
+    that its weights are gathered too."""
     device_type = batch.input_ids.device.type
     # Only the columns from `first_column` on can predict a completion token: the LM
     # head, the log-softmax and the entropy skip the prompt before them (most of each
@@ -173,14 +183,17 @@ def token_logprobs(
     with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         if batch.prompts is not None:
             # logits_to_keep=1: the prompts' logits are not needed, only their cache.
-            cache = model(
+            out = model(
                 input_ids=batch.prompts.input_ids, attention_mask=batch.prompts.attention_mask,
                 use_cache=True, logits_to_keep=1,
-            ).past_key_values
+            )
+            cache = out.past_key_values
             cache.reorder_cache(batch.prompts.row_prompt)  # [K, ...] -> [N, ...], a gather autograd goes back through
             kwargs.update(past_key_values=cache, position_ids=batch.position_ids)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
     logits = logits[:, :-1].float()  # [N, T-1-first, V]: columns first..T-2
+    if batch.prompts is not None and sharded:
+        logits = logits + 0.0 * out.logits.sum()
     if temperature != 1.0:
         logits = logits / temperature
     targets = batch.input_ids[:, first + 1 :].unsqueeze(-1)  # [N, T-1-first, 1]

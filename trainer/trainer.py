@@ -54,7 +54,7 @@ from trainer.eval import Evaluator
 from trainer.loss import LossNorm, aggregate, group_advantages, kl_penalty, policy_loss
 from trainer.models import check_in_blocks, load_model, load_tokenizer, resolve_model_path
 from trainer.policy import (
-    EngineWeights, TokenBatch, can_share_prompts, micro_batch_order, resolve_device, resolve_dtype, token_logprobs,
+    EngineWeights, TokenBatch, can_share, can_share_prompts, micro_batch_order, resolve_device, resolve_dtype, token_logprobs,
     warm_up_optimizer, weights_to_bytes,
 )
 from trainer.progress import StepBar
@@ -258,10 +258,7 @@ class Trainer:
         self.ranks = Ranks.start(self.device, cfg.trainer.collective_timeout_s)
         self.policy = self.ranks.shard(load_model(self.model_path, self.device, self.dtype).train())
         check_in_blocks(self.policy, self._check)  # a worker error or a stop ends a micro-batch early
-        # One rank only: under FSDP2 a shared prompt's keys and values carry their gradient
-        # back into each block outside the block's output, where FSDP's backward hooks
-        # would gather the block's weights first, so the backward finds them freed.
-        self.share_prompts = cfg.trainer.share_prompts and self.world == 1 and can_share_prompts(self.policy)
+        self.share_prompts = cfg.trainer.share_prompts and can_share_prompts(self.policy)
         if self.tokenizer is None:  # rank 0 loaded it first, for the prompts
             self.tokenizer = load_tokenizer(self.model_path)
         log.info(
@@ -529,9 +526,15 @@ class Trainer:
             return stats  # no learning signal in this batch: the weights stay as they are
         # An empty micro-batch: one masked-out token, so that the forward and backward
         # (and their collectives) run with a zero loss.
-        empty = {"prompt": [self.pad_id], "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
+        empty = {"prompt": [self.pad_id] * 2, "completion": [self.pad_id], "behaviour": [0.0], "in_loss": False,
                  "on_policy": False, "advantage": 0.0}
-        rows = micro_batch_order(rows, self.share_prompts, cfg.algo.micro_batch_size)  # the fewest tokens to forward
+        share = self.share_prompts
+        if share and self.world > 1:
+            # The ranks' micro-batches run the same FSDP collectives only if they forward
+            # alike: all share (even with no prompt repeated), or none does.
+            prompts = [r["prompt"] for r in rows] or [empty["prompt"]]
+            share = self.ranks.all_reduce([float(not can_share(prompts))], "max")[0] == 0
+        rows = micro_batch_order(rows, share, cfg.algo.micro_batch_size)  # the fewest tokens to forward
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"entropy": 0.0, "kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "capped": 0.0, "tokens": 0,
                 "lp_diff": 0.0, "ratio": 0.0}
@@ -547,7 +550,8 @@ class Trainer:
                 pad_id=self.pad_id,
                 device=self.device,
                 in_loss=[r["in_loss"] for r in chunk],
-                share_prompts=self.share_prompts,
+                share_prompts=share,
+                even_unrepeated=self.world > 1,
             )
             advantages = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=self.device)  # [n]
             on_policy = torch.tensor([r["on_policy"] for r in chunk], device=self.device)  # [n]
@@ -555,7 +559,8 @@ class Trainer:
                 continue  # nothing to learn, and no other rank waits on this micro-batch
             self._check()  # a long step on a big model should not delay a worker error or a stop
             logprobs, entropy = token_logprobs(
-                self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0, autocast=self.autocast
+                self.policy, sub, cfg.gen.temperature, entropy_grad=entropy_coef != 0, autocast=self.autocast,
+                sharded=self.world > 1,
             )
             loss, s = policy_loss(  # this micro-batch's share of the batch loss
                 logprobs, sub.behaviour_logprobs, advantages, sub.completion_mask,

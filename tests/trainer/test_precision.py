@@ -216,13 +216,17 @@ def assert_same_gradients(grads, expected):
 
 
 def test_rows_share_prompts_only_where_a_prompt_repeats_and_has_two_tokens():
-    def build(prompts):
-        return TokenBatch.build(prompts, [[9]] * len(prompts), [[0.0]] * len(prompts), 0, "cpu", share_prompts=True)
+    def build(prompts, even_unrepeated=False):
+        return TokenBatch.build(prompts, [[9]] * len(prompts), [[0.0]] * len(prompts), 0, "cpu", share_prompts=True,
+                                even_unrepeated=even_unrepeated)
 
     assert build([[1, 2], [3, 4]]).prompts is None  # nothing repeats
     assert build([[1], [1]]).prompts is None  # a one-token prompt: nothing to forward before the rows
     assert build([[1, 2], [1, 2], [3]]).prompts is None
     assert build([[1, 2], [1, 2], [3, 4]]).prompts.row_prompt.tolist() == [0, 0, 1]
+    # With ranks every micro-batch shares, repeated or not (the same collectives on each).
+    assert build([[1, 2], [3, 4]], even_unrepeated=True).prompts.row_prompt.tolist() == [0, 1]
+    assert build([[1, 2], [3]], even_unrepeated=True).prompts is None
 
 
 def test_a_step_with_shared_prompts_sums_to_the_gradient_of_one_without(tmp_path, tiny_model_path, monkeypatch):
