@@ -4,6 +4,8 @@
     python scripts/bench_time_to_quality.py --variants default sync_fp32 staleness2 --seeds 0 1 2
     python scripts/bench_time_to_quality.py --grid --seeds 0 1 2    # the issue's grid (hours here)
     python scripts/bench_time_to_quality.py --model tiny --steps 3  # a smoke run of the script
+    python scripts/bench_time_to_quality.py --variants trl_fp32_malloc_kept --seeds 0 1 2 \
+        --trl-steps 120 --trl-max-train-s 1510 1188 1070   # each TRL seed up to a training time
 
 Each run is scripts/train.py (the real engines and trainer) on the default job (SmolLM2,
 arithmetic, 4 prompts x 8 samples, 48 tokens) with eval.every=--eval-every and
@@ -27,7 +29,10 @@ and hyperparameters; bf16 autocast, float32, or either with glibc keeping the me
 process frees, as the project's CPU trainer does), run in a virtual environment of its own, built at TRL_VENV
 on first use and again whenever TRL_REQUIREMENTS changes (scripts/trl_requirements.txt:
 every package pinned; torch from this machine's disk, the rest from PyPI): TRL is a
-benchmark dependency, never a runtime one.
+benchmark dependency, never a runtime one. A TRL variant trains --trl-steps steps (default
+--steps), or until --trl-max-train-s of training time (one value, or one per seed: e.g.
+twice the default's time to 0.9 on that seed, to test "2x sooner" without running TRL
+for longer than that).
 """
 
 from __future__ import annotations
@@ -103,9 +108,10 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
     if name in TRL_VARIANTS:
         cmd = [
             str(trl_python()), str(REPO / "scripts" / "trl_job.py"), "--model", str(resolve_model_path(args.model)),
-            "--output-dir", str(out_dir), "--seed", str(seed), "--steps", str(args.steps),
+            "--output-dir", str(out_dir), "--seed", str(seed), "--steps", str(args.trl_steps or args.steps),
             "--eval-every", str(args.eval_every), "--eval-prompts", str(args.eval_prompts),
             "--eval-samples", str(args.eval_samples), *overrides,
+            *(["--max-train-s", str(trl_max_train_s(args, seed))] if args.trl_max_train_s else []),
         ]
     else:
         cmd = [
@@ -135,6 +141,11 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         "rows": statistics.fmean(rows) if rows else None,  # trained rows per step
         "tokens_per_s": statistics.median(rates) if rates else None,  # training speed, whatever the rows
     }
+
+
+def trl_max_train_s(args: argparse.Namespace, seed: int) -> float:
+    limits = args.trl_max_train_s
+    return limits[0] if len(limits) == 1 else limits[args.seeds.index(seed)]
 
 
 def time_to(curve: list[tuple[float, float]], threshold: float) -> float | None:
@@ -167,14 +178,27 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--trl-steps", type=int, help="steps of the TRL variants (default: --steps)")
+    p.add_argument("--trl-max-train-s", type=float, nargs="+",
+                   help="a TRL run stops at the first step past this much training time (evaluated there); "
+                        "one value, or one per seed")
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--png", help="default: docs/time_to_quality_MODEL_STEPSsteps_VARIANTS.png")
     args = p.parse_args()
+    if args.trl_max_train_s and len(args.trl_max_train_s) not in (1, len(args.seeds)):
+        p.error("--trl-max-train-s takes one value, or one per seed")
     variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS}[v] for v in args.variants}
     compared = "grid" if args.grid else "-".join(variants)
+    # TRL's own length, where it differs: a section and PNG of their own.
+    trl_length = ""
+    if any(v in TRL_VARIANTS for v in variants) and (args.trl_steps or args.trl_max_train_s):
+        limit = "/".join(f"{s:.0f}" for s in args.trl_max_train_s or [])
+        trl_length = f"TRL: {args.trl_steps or args.steps} steps" + (
+            f" or until {limit} s of training" if limit else "")
+        compared += f"_trl-{args.trl_steps or args.steps}steps" + (f"-{limit.replace('/', '-')}s" if limit else "")
     args.png = args.png or str(REPO / "docs" / f"time_to_quality_{args.model}_{args.steps}steps_{compared}.png")
 
     results: dict[str, list[dict]] = {}
@@ -203,7 +227,8 @@ def main() -> None:
     header = ["variant", "overrides", "s/step", "train s/step", "rows trained/step", "train tokens/s", *(f"s to {th}" for th in THRESHOLDS),
               f"acc at {args.budget_s:.0f} s", "acc at start", "acc at end"]
     body = (
-        f"{args.model}, {args.steps} steps, seeds {args.seeds}; held-out: {args.eval_prompts} arithmetic prompts "
+        f"{args.model}, {args.steps} steps" + (f" ({trl_length})" if trl_length else "")
+        + f", seeds {args.seeds}; held-out: {args.eval_prompts} arithmetic prompts "
         f"(eval.seed) x {args.eval_samples} samples, eval/pass@1 every {args.eval_every} steps; time: training "
         "wall time (evaluations excluded), engine start included; medians over seeds (min-max)\n\n"
         + table(header, rows)

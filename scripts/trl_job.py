@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-train-s", type=float,
+                   help="stop after the first step at which the training time (evaluations excluded) reaches this, "
+                        "with an evaluation there")
     p.add_argument("--dtype", choices=["mixed", "float32"], default="mixed")
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-prompts", type=int, default=32)
@@ -107,6 +110,8 @@ def main() -> None:
     eval_task = build_task(task_cfg, ev.seed)
     eval_prompts = [eval_task.prompt(i) for i in range(args.eval_prompts)]
 
+    eval_s = [0.0]  # the evaluations' time so far, not training time
+
     def evaluate(model, step: int) -> None:
         t_eval = time.monotonic()
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}], add_generation_prompt=True,
@@ -128,6 +133,7 @@ def main() -> None:
             M.EVAL_K: args.eval_samples, M.EVAL_PROMPTS: len(eval_prompts),
             M.PERF_EVAL_S: time.monotonic() - t_eval, M.PERF_ELAPSED_S: time.monotonic() - t0,
         })
+        eval_s[0] += time.monotonic() - t_eval
 
     class Timing(TrainerCallback):
         """A step record per optimizer step, and the held-out evaluations."""
@@ -143,8 +149,10 @@ def main() -> None:
             now = time.monotonic()
             write({M.STEP: state.global_step - 1, M.PERF_STEP_S: now - self.t_step, M.PERF_TRAIN_S: None,
                    M.PERF_ELAPSED_S: now - t0})
-            if state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+            out_of_time = args.max_train_s is not None and now - t0 - eval_s[0] >= args.max_train_s
+            if state.global_step % args.eval_every == 0 or state.global_step == args.steps or out_of_time:
                 evaluate(model, state.global_step)
+            control.should_training_stop = control.should_training_stop or out_of_time
             self.t_step = time.monotonic()
 
     trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=config, train_dataset=dataset,
