@@ -192,14 +192,14 @@ def token_logprobs(
             kwargs.update(past_key_values=cache, position_ids=batch.position_ids)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
     logits = logits[:, :-1].float()  # [N, T-1-first, V]: columns first..T-2
-    if batch.prompts is not None and sharded:
-        logits = logits + 0.0 * out.logits.sum()
     if temperature != 1.0:
         logits = logits / temperature
     targets = batch.input_ids[:, first + 1 :].unsqueeze(-1)  # [N, T-1-first, 1]
     lse = torch.logsumexp(logits, dim=-1)  # [N, T-1-first]
     # log_softmax then gather, written as logit - logsumexp to avoid a second [N, T-1, V] tensor.
     logprobs = logits.gather(-1, targets).squeeze(-1) - lse
+    if batch.prompts is not None and sharded:
+        logprobs = logprobs + 0.0 * out.logits.sum()  # see the docstring: FSDP2's backward hooks
     if not with_entropy:
         return _pad_columns(logprobs, first), None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
