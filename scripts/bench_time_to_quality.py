@@ -108,7 +108,7 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
     if name in TRL_VARIANTS:
         cmd = [
             str(trl_python()), str(REPO / "scripts" / "trl_job.py"), "--model", str(resolve_model_path(args.model)),
-            "--output-dir", str(out_dir), "--seed", str(seed), "--steps", str(args.trl_steps or args.steps),
+            "--output-dir", str(out_dir), "--seed", str(seed), "--steps", str(args.trl_steps),
             "--eval-every", str(args.eval_every), "--eval-prompts", str(args.eval_prompts),
             "--eval-samples", str(args.eval_samples), *overrides,
             *(["--max-train-s", str(trl_max_train_s(args, seed))] if args.trl_max_train_s else []),
@@ -190,15 +190,16 @@ def main() -> None:
     args = p.parse_args()
     if args.trl_max_train_s and len(args.trl_max_train_s) not in (1, len(args.seeds)):
         p.error("--trl-max-train-s takes one value, or one per seed")
+    trl_own_length = args.trl_steps is not None or args.trl_max_train_s is not None
+    args.trl_steps = args.trl_steps or args.steps
     variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS}[v] for v in args.variants}
     compared = "grid" if args.grid else "-".join(variants)
     # TRL's own length, where it differs: a section and PNG of their own.
     trl_length = ""
-    if any(v in TRL_VARIANTS for v in variants) and (args.trl_steps or args.trl_max_train_s):
+    if any(v in TRL_VARIANTS for v in variants) and trl_own_length:
         limit = "/".join(f"{s:.0f}" for s in args.trl_max_train_s or [])
-        trl_length = f"TRL: {args.trl_steps or args.steps} steps" + (
-            f" or until {limit} s of training" if limit else "")
-        compared += f"_trl-{args.trl_steps or args.steps}steps" + (f"-{limit.replace('/', '-')}s" if limit else "")
+        trl_length = f"TRL: {args.trl_steps} steps" + (f" or until {limit} s of training" if limit else "")
+        compared += f"_trl-{args.trl_steps}steps" + (f"-{limit.replace('/', '-')}s" if limit else "")
     args.png = args.png or str(REPO / "docs" / f"time_to_quality_{args.model}_{args.steps}steps_{compared}.png")
 
     results: dict[str, list[dict]] = {}
