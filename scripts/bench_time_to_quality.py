@@ -33,11 +33,22 @@ benchmark dependency, never a runtime one. A TRL variant trains --trl-steps step
 --steps), or until --trl-max-train-s of training time (one value, or one per seed: e.g.
 twice the default's time to 0.9 on that seed, to test "2x sooner" without running TRL
 for longer than that).
+
+Every finished run is appended to docs/time_to_quality_runs.jsonl (its job, seed, commit,
+machine, accuracy curve and speeds), so no run's numbers are lost with a log. With
+--reuse, a run whose job is recorded there for this machine's processor is not run again:
+the report takes the recorded one. With --deadline-s, no run starts after that many
+seconds and the report covers the runs done or recorded (the table's "seeds" column says
+how many each variant has). Together they let the grid (about 11 hours on a 2-core CPU)
+accumulate over several invocations:
+
+    python scripts/bench_time_to_quality.py --grid --seeds 0 1 2 --steps 30 --eval-every 5 --reuse --deadline-s 4800
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -52,7 +63,7 @@ import venv
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.benchlib import record, table  # noqa: E402
+from scripts.benchlib import cpu_model, record, table  # noqa: E402
 from trainer import metrics as M  # noqa: E402
 from trainer.models import default_cache_dir, resolve_model_path  # noqa: E402
 from trainer.plots import read_metrics  # noqa: E402
@@ -77,6 +88,7 @@ TRL_VARIANTS = {
 TRL_VENV = default_cache_dir() / "bench-trl-venv"
 TRL_REQUIREMENTS = REPO / "scripts" / "trl_requirements.txt"
 THRESHOLDS = (0.8, 0.9)
+RUNS = REPO / "docs" / "time_to_quality_runs.jsonl"  # every finished run, one JSON object a line
 
 
 def trl_python() -> pathlib.Path:
@@ -134,6 +146,7 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         eval_s += e[M.PERF_EVAL_S]
         curve.append((e[M.PERF_ELAPSED_S] - eval_s, e[M.EVAL_PASS_AT_1]))
     return {
+        "seed": seed,
         "curve": curve,  # (training seconds, accuracy) at each evaluation
         "wall_s": time.monotonic() - t0,
         "step_s": statistics.median(s[M.PERF_STEP_S] for s in steps),
@@ -141,6 +154,36 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         "rows": statistics.fmean(rows) if rows else None,  # trained rows per step
         "tokens_per_s": statistics.median(rates) if rates else None,  # training speed, whatever the rows
     }
+
+
+def job(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict:
+    """What makes two runs the same run: the job, the seed, the evaluation and the processor."""
+    length = (
+        {"steps": args.trl_steps, "max_train_s": trl_max_train_s(args, seed) if args.trl_max_train_s else None}
+        if name in TRL_VARIANTS else {"steps": args.steps}
+    )
+    return {
+        "model": args.model, "variant": name, "overrides": overrides, "seed": seed, **length,
+        "eval_every": args.eval_every, "eval_prompts": args.eval_prompts, "eval_samples": args.eval_samples,
+        "cpu": cpu_model(),
+    }
+
+
+def recorded_runs() -> list[dict]:
+    if not RUNS.exists():
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+
+
+def save_run(key: dict, result: dict) -> None:
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "?"
+    # A change outside docs/ (where this file and the tables live) makes it another trainer.
+    if git("diff", "--quiet", "HEAD", "--", ".", ":!docs").returncode:
+        commit += "-dirty"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with RUNS.open("a") as f:
+        f.write(json.dumps({"job": key, "commit": commit, "date": when, **result}) + "\n")
 
 
 def trl_max_train_s(args: argparse.Namespace, seed: int) -> float:
@@ -165,6 +208,13 @@ def spread(values: list[float | None]) -> str:
     return text + (f", {missed} never" if missed else "")
 
 
+def median(runs: list[dict], field: str, fmt: str) -> str:
+    """The median of a speed over the runs that have it ("-": none has; TRL's runs, or a run
+    recorded from its stderr line, have only s/step)."""
+    got = [r[field] for r in runs if r.get(field) is not None]
+    return format(statistics.median(got), fmt) if got else "-"
+
+
 def accuracy(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -173,7 +223,8 @@ def accuracy(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["default", "trainer_fp32"], choices=sorted([*VARIANTS, *TRL_VARIANTS]))
+    p.add_argument("--variants", nargs="+", default=["default", "trainer_fp32"], choices=sorted([*VARIANTS, *TRL_VARIANTS, *grid()]),
+                   help="variants in this order; the grid's names (e.g. s0_engine-float32_trainer-float32) too")
     p.add_argument("--grid", action="store_true", help="the issue's grid instead of --variants")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--model", default="smollm2")
@@ -187,12 +238,17 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--png", help="default: docs/time_to_quality_MODEL_STEPSsteps_VARIANTS.png")
+    p.add_argument("--reuse", action="store_true",
+                   help=f"take a run recorded in {os.path.relpath(RUNS, REPO)} for the same job, seed, evaluation "
+                        "and processor instead of running it again")
+    p.add_argument("--deadline-s", type=float,
+                   help="start no run after this many seconds; report what ran or was recorded")
     args = p.parse_args()
     if args.trl_max_train_s and len(args.trl_max_train_s) not in (1, len(args.seeds)):
         p.error("--trl-max-train-s takes one value, or one per seed")
     trl_own_length = args.trl_steps is not None or args.trl_max_train_s is not None
     args.trl_steps = args.trl_steps or args.steps
-    variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS}[v] for v in args.variants}
+    variants = grid() if args.grid else {v: {**VARIANTS, **TRL_VARIANTS, **grid()}[v] for v in args.variants}
     compared = "grid" if args.grid else "-".join(variants)
     # TRL's own length, where it differs: a section and PNG of their own.
     trl_length = ""
@@ -202,30 +258,47 @@ def main() -> None:
         compared += f"_trl-{args.trl_steps}steps" + (f"-{limit.replace('/', '-')}s" if limit else "")
     args.png = args.png or str(REPO / "docs" / f"time_to_quality_{args.model}_{args.steps}steps_{compared}.png")
 
+    started = time.monotonic()
+    recorded = recorded_runs() if args.reuse else []
     results: dict[str, list[dict]] = {}
+    skipped = 0
     with tempfile.TemporaryDirectory(prefix="ttq-") as tmp:
         # Seeds outermost, variants alternating: a machine that slows down mid-benchmark
-        # hits every variant alike.
+        # hits every variant alike (and a grid cut short by --deadline-s has every
+        # variant's first seed before any variant's second).
         for seed in args.seeds:
             for name, overrides in variants.items():
-                r = run_one(name, overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
+                key = job(name, overrides, seed, args)
+                r = next((rec for rec in reversed(recorded) if rec["job"] == key), None)
+                if r is not None:
+                    how = f"recorded {r['date']} at {r['commit']}"
+                elif args.deadline_s is not None and time.monotonic() - started > args.deadline_s:
+                    skipped += 1
+                    continue
+                else:
+                    r = run_one(name, overrides, seed, args, pathlib.Path(tmp) / f"{name}-{seed}")
+                    save_run(key, r)
+                    how = f"{r['wall_s']:.0f} s"
                 results.setdefault(name, []).append(r)
-                print(f"{name} seed {seed}: {r['wall_s']:.0f} s, {r['step_s']:.1f} s/step, (training s, accuracy) "
+                print(f"{name} seed {seed}: {how}, {r['step_s']:.1f} s/step, (training s, accuracy) "
                       f"{[(round(t), round(a, 2)) for t, a in r['curve']]}", file=sys.stderr, flush=True)
+    if skipped:
+        print(f"--deadline-s: {skipped} runs not started", file=sys.stderr, flush=True)
+    if not results:
+        sys.exit("no run done or recorded: nothing to report")
 
     rows = []
     for name, runs in results.items():
         curves = [r["curve"] for r in runs]
         rows.append([
-            name, ("TRL GRPOTrainer " if name in TRL_VARIANTS else "") + (" ".join(variants[name]) or "(defaults)"), f"{statistics.median(r['step_s'] for r in runs):.1f}",
-            "-" if runs[0]["train_s"] is None else f"{statistics.median(r['train_s'] for r in runs):.1f}",
-            "-" if runs[0]["rows"] is None else f"{statistics.median(r['rows'] for r in runs):.1f}",
-            "-" if runs[0]["tokens_per_s"] is None else f"{statistics.median(r['tokens_per_s'] for r in runs):.0f}",
+            name, ("TRL GRPOTrainer " if name in TRL_VARIANTS else "") + (" ".join(variants[name]) or "(defaults)"),
+            " ".join(str(r["seed"]) for r in runs), f"{statistics.median(r['step_s'] for r in runs):.1f}",
+            median(runs, "train_s", ".1f"), median(runs, "rows", ".1f"), median(runs, "tokens_per_s", ".0f"),
             *(spread([time_to(c, th) for c in curves]) for th in THRESHOLDS),
             accuracy([at_budget(c, args.budget_s) for c in curves]), accuracy([c[0][1] for c in curves]),
             accuracy([c[-1][1] for c in curves]),
         ])
-    header = ["variant", "overrides", "s/step", "train s/step", "rows trained/step", "train tokens/s", *(f"s to {th}" for th in THRESHOLDS),
+    header = ["variant", "overrides", "seeds", "s/step", "train s/step", "rows trained/step", "train tokens/s", *(f"s to {th}" for th in THRESHOLDS),
               f"acc at {args.budget_s:.0f} s", "acc at start", "acc at end"]
     body = (
         f"{args.model}, {args.steps} steps" + (f" ({trl_length})" if trl_length else "")
@@ -235,9 +308,12 @@ def main() -> None:
         + table(header, rows)
     )
     body += "\n\nHeld-out accuracy at each evaluation, per seed:\n\n" + "\n".join(
-        f"* {name}, seed {seed}: {' '.join(f'{a:.2f}' for _, a in r['curve'])}"
-        for name, runs in results.items() for seed, r in zip(args.seeds, runs)
+        f"* {name}, seed {r['seed']}: {' '.join(f'{a:.2f}' for _, a in r['curve'])}"
+        + (f" (recorded {r['date']} at {r['commit']})" if "commit" in r else "")
+        for name, runs in results.items() for r in runs
     )
+    if skipped:
+        body += f"\n\n{skipped} runs of the {len(args.seeds) * len(variants)} asked for did not start (--deadline-s)."
     plot(results, args.png)
     body += f"\n\nAccuracy against time: `{os.path.relpath(args.png, REPO)}`."
     # One section per model, length and comparison: a longer run, or another set of
