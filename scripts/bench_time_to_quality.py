@@ -36,7 +36,8 @@ for longer than that).
 
 Every finished run is appended to docs/time_to_quality_runs.jsonl (its job, seed, commit,
 machine, accuracy curve and speeds), so no run's numbers are lost with a log. With
---reuse, a run whose job is recorded there for this machine's processor is not run again:
+--reuse, a run whose job is recorded there for this machine (processor, cores, native
+bfloat16 or not) is not run again:
 the report takes the recorded one. With --deadline-s, no run starts after that many
 seconds and the report covers the runs done or recorded (the table's "seeds" column says
 how many each variant has). Together they let the grid (about 11 hours on a 2-core CPU)
@@ -157,7 +158,7 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
 
 
 def job(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict:
-    """What makes two runs the same run: the job, the seed, the evaluation and the processor."""
+    """What makes two runs the same run: the job, the seed, the evaluation and the machine."""
     length = (
         {"steps": args.trl_steps, "max_train_s": trl_max_train_s(args, seed) if args.trl_max_train_s else None}
         if name in TRL_VARIANTS else {"steps": args.steps}
@@ -165,8 +166,19 @@ def job(name: str, overrides: list[str], seed: int, args: argparse.Namespace) ->
     return {
         "model": args.model, "variant": name, "overrides": overrides, "seed": seed, **length,
         "eval_every": args.eval_every, "eval_prompts": args.eval_prompts, "eval_samples": args.eval_samples,
-        "cpu": cpu_model(),
+        "machine": machine(),
     }
+
+
+def machine() -> str:
+    """The processor as far as it decides these runs' speed: its name ("AMD EPYC" names
+    CPUs with and without bfloat16 alike), cores, and whether bfloat16 is native."""
+    import torch
+
+    from workers.hardware import bf16_native
+
+    native = "native" if bf16_native(torch.device("cpu")) else "emulated"
+    return f"{cpu_model()}, {os.cpu_count()} cores, bfloat16 {native}"
 
 
 def recorded_runs() -> list[dict]:
@@ -240,7 +252,7 @@ def main() -> None:
     p.add_argument("--png", help="default: docs/time_to_quality_MODEL_STEPSsteps_VARIANTS.png")
     p.add_argument("--reuse", action="store_true",
                    help=f"take a run recorded in {os.path.relpath(RUNS, REPO)} for the same job, seed, evaluation "
-                        "and processor instead of running it again")
+                        "and machine instead of running it again")
     p.add_argument("--deadline-s", type=float,
                    help="start no run after this many seconds; report what ran or was recorded")
     args = p.parse_args()
@@ -301,7 +313,7 @@ def main() -> None:
     header = ["variant", "overrides", "seeds", "s/step", "train s/step", "rows trained/step", "train tokens/s", *(f"s to {th}" for th in THRESHOLDS),
               f"acc at {args.budget_s:.0f} s", "acc at start", "acc at end"]
     body = (
-        f"{args.model}, {args.steps} steps" + (f" ({trl_length})" if trl_length else "")
+        f"{machine()}; {args.model}, {args.steps} steps" + (f" ({trl_length})" if trl_length else "")
         + f", seeds {args.seeds}; held-out: {args.eval_prompts} arithmetic prompts "
         f"(eval.seed) x {args.eval_samples} samples, eval/pass@1 every {args.eval_every} steps; time: training "
         "wall time (evaluations excluded), engine start included; medians over seeds (min-max)\n\n"
