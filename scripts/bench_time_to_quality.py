@@ -65,6 +65,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts.benchlib import cpu_model, record, table  # noqa: E402
 from trainer import metrics as M  # noqa: E402
+from trainer.config import TrainerConfig  # noqa: E402
 from trainer.models import default_cache_dir, resolve_model_path  # noqa: E402
 from trainer.plots import read_metrics  # noqa: E402
 
@@ -73,9 +74,14 @@ VARIANTS = {
     "trainer_fp32": ["trainer.dtype=float32"],
     "sync_fp32": ["algo.max_staleness=0", "engine.dtype=float32", "trainer.dtype=float32"],
     "staleness0": ["algo.max_staleness=0"],
+    "staleness1": ["algo.max_staleness=1"],  # the default until 2026-12-07 (now "auto": 0 on CPU)
     "staleness2": ["algo.max_staleness=2"],
     "malloc_glibc": ["trainer.keep_freed_memory=false"],
     "no_dynamic_sampling": ["algo.filter_zero_std=false"],  # groups without reward spread batched (0.1 default)
+    # decoupled PPO: the clip bounds the step's own change, the behaviour ratio only weighs
+    "proximal_clip": ["algo.clip_against=proximal"],
+    "proximal_clip_staleness0": ["algo.clip_against=proximal", "algo.max_staleness=0"],
+    "staleness0_entropy": ["algo.max_staleness=0", "algo.entropy_coef=0.005"],  # against entropy collapse
 }
 # TRL's GRPOTrainer on the same job (scripts/trl_job.py), its arguments per variant.
 TRL_VARIANTS = {
@@ -89,6 +95,9 @@ TRL_VENV = default_cache_dir() / "bench-trl-venv"
 TRL_REQUIREMENTS = REPO / "scripts" / "trl_requirements.txt"
 THRESHOLDS = (0.8, 0.9)
 RUNS = REPO / "docs" / "time_to_quality_runs.jsonl"  # every finished run, one JSON object a line
+# The config sections that decide what a run of scripts/train.py learns and how fast
+# (run.seed, run.steps, model.path and eval.* are in the job on their own).
+LEARNING_SECTIONS = ("algo", "engine", "gen", "task", "reward", "trainer")
 
 
 def trl_python() -> pathlib.Path:
@@ -157,16 +166,36 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
 
 
 def job(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict:
-    """What makes two runs the same run: the job, the seed, the evaluation and the machine."""
+    """What makes two runs the same run: the job, the seed, the evaluation and the
+    machine; for this project's trainer also the settings it trains with (`config`), so
+    that a changed default makes "default" another job."""
     length = (
         {"steps": args.trl_steps, "max_train_s": trl_max_train_s(args, seed) if args.trl_max_train_s else None}
-        if name in TRL_VARIANTS else {"steps": args.steps}
+        if name in TRL_VARIANTS else {"steps": args.steps, "config": learning_config(overrides)}
     )
     return {
         "model": args.model, "variant": name, "overrides": overrides, "seed": seed, **length,
         "eval_every": args.eval_every, "eval_prompts": args.eval_prompts, "eval_samples": args.eval_samples,
         "machine": machine(),
     }
+
+
+def learning_config(overrides: list[str]) -> dict:
+    """The settings of LEARNING_SECTIONS a run of scripts/train.py with these overrides
+    trains with, flat ("algo.lr": 3e-05)."""
+    sections = TrainerConfig.load(overrides=overrides).to_dict()
+    return {f"{s}.{k}": v for s in LEARNING_SECTIONS for k, v in sections[s].items()}
+
+
+def same_job(recorded: dict, wanted: dict) -> bool:
+    """A recorded run is the wanted one if everything but the config is equal and each
+    setting it recorded has the wanted value: a key added since (its default keeping the
+    old behaviour) does not make it another run; a changed default does."""
+    rest = lambda j: {k: v for k, v in j.items() if k != "config"}  # noqa: E731
+    if rest(recorded) != rest(wanted) or ("config" in recorded) != ("config" in wanted):
+        return False
+    config = wanted.get("config", {})
+    return all(k in config and config[k] == v for k, v in recorded.get("config", {}).items())
 
 
 def machine() -> str:
@@ -280,7 +309,7 @@ def main() -> None:
         for seed in args.seeds:
             for name, overrides in variants.items():
                 key = job(name, overrides, seed, args)
-                r = next((rec for rec in reversed(recorded) if rec["job"] == key), None)
+                r = next((rec for rec in reversed(recorded) if same_job(rec["job"], key)), None)
                 if r is not None:
                     how = f"recorded {r['date']} at {r['commit']}"
                 elif args.deadline_s is not None and time.monotonic() - started > args.deadline_s:

@@ -62,6 +62,22 @@ def test_runs_are_recorded_and_reused_on_the_same_machine(bench, tmp_path):
     assert started == [("default", 0)]
 
 
+def test_a_changed_default_is_another_job_and_a_new_setting_is_not(bench, tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    bench("--variants", "default", "--seeds", "0", "--steps", "3")
+    record = json.loads(runs.read_text())
+    assert record["job"]["config"]["algo.max_staleness"] == ttq.TrainerConfig().algo.max_staleness
+    # A run recorded before a setting existed (its default keeps what runs did then).
+    del record["job"]["config"]["algo.clip_against"]
+    runs.write_text(json.dumps(record) + "\n")
+    assert bench("--variants", "default", "--seeds", "0", "--steps", "3", "--reuse")[0] == []
+    # A run recorded under another default of a setting that decides what it learns
+    # (max_staleness was 1 before "auto").
+    record["job"]["config"]["algo.max_staleness"] = 1
+    runs.write_text(json.dumps(record) + "\n")
+    assert bench("--variants", "default", "--seeds", "0", "--steps", "3", "--reuse")[0] == [("default", 0)]
+
+
 def test_deadline_reports_what_ran_or_was_recorded(bench):
     bench("--variants", "default", "--seeds", "0", "--steps", "3")
     started, body = bench("--variants", "default", "staleness0", "--seeds", "0", "1", "--steps", "3",

@@ -52,7 +52,7 @@ CASES = {
     "negative_staleness": (
         lambda tmp, model: ["algo.max_staleness=-1"],
         "algo.max_staleness",
-        ["algo.max_staleness: must be >= 0, got -1"],
+        ['algo.max_staleness: must be >= 0 or "auto", got -1'],
     ),
     "group_size_1": (
         lambda tmp, model: ["algo.group_size=1"],

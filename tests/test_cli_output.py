@@ -89,6 +89,8 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     # engine.dtype=auto: bfloat16 only where the CPU computes it natively (workers/hardware.py).
     (ready,) = [e for e in events if e["event"] == "engines_ready"]
     assert ready["engine_dtype"] == ("torch.bfloat16" if bf16_native(torch.device("cpu")) else "torch.float32")
+    # algo.max_staleness=auto: the CPU engine shares the trainer's cores, so it is 0.
+    assert ready["max_staleness"] == 0
 
     # Overlaps: the policy loads (`setup`) while the engine starts; at the end (no
     # evaluation follows) the engines stop once the last step has its batch, so they shut
@@ -108,6 +110,7 @@ def test_short_run_logs_only_json_and_every_metric(tmp_path, tiny_model_path):
     # (on by default) released its budget (2 x 2 groups per step) before batching any,
     # then let them train, so the run stepped instead of waiting out run.batch_timeout_s.
     assert [r[M.REWARD_FRAC_ZERO_STD_GROUPS] for r in records] == [1.0, 1.0]
+    assert [r[M.STALENESS_MAX] for r in records] == [0, 0]
     filtered = [r[M.REWARD_FILTERED_GROUPS] for r in records]
     assert 4 <= filtered[0] <= filtered[1] <= 4 * 3, filtered
     for record in steps + records:

@@ -170,9 +170,9 @@ def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tin
         ["algo.loss_agg=seq_mean_token_sum_norm", "algo.scale_rewards=none", "algo.ratio_level=sequence",
          "algo.clip_low=3e-4", "algo.clip_high=4e-4", "algo.entropy_coef=0.01"],
         # The GRPO paper's aggregation with batch-scaled advantages, a KL penalty to the
-        # initial policy, and no dynamic sampling (on by default).
+        # initial policy, no dynamic sampling (on by default), and the decoupled clip.
         ["algo.loss_agg=seq_mean_token_mean", "algo.scale_rewards=batch", "algo.kl_coef=0.1",
-         "algo.kl_estimator=k3", "algo.filter_zero_std=false"],
+         "algo.kl_estimator=k3", "algo.filter_zero_std=false", "algo.clip_against=proximal"],
     ],
     ids=["drgrpo_gspo_entropy", "grpo_batch_kl_nofilter"],
 )
@@ -185,6 +185,8 @@ def test_loss_variants_train_with_the_real_engine(tmp_path, tiny_model_path, var
         assert h[M.LOSS_NONFINITE_SKIPPED] == 0 and h[M.LOSS_ENTROPY] > 0 and h[M.LOSS_GRAD_NORM] > 0, h
     moved = [k for k, p in trainer.policy.named_parameters() if not torch.equal(initial[k], p.detach())]
     assert moved
+    if "algo.clip_against=proximal" in variant:  # the step's own change is 1 when its loss is taken
+        assert all(h[M.LOSS_CLIP_FRAC] == 0 and h[M.MISMATCH_IS_RATIO_MAX] > 0 for h in history), history
     if "algo.kl_coef=0.1" in variant:  # policy == reference at step 0; apart after a step
         assert abs(history[0][M.LOSS_KL_REF]) < 1e-4 < history[1][M.LOSS_KL_REF]
         assert all(h[M.REWARD_FILTERED_GROUPS] >= 0 and h[M.REWARD_FRAC_ZERO_STD_GROUPS] == 0 for h in history)

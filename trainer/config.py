@@ -64,8 +64,11 @@ class AlgoConfig:
     """completions sampled per prompt (G); advantages are relative within a group"""
     groups_per_step: int = 4
     """prompts (groups) per optimizer step"""
-    max_staleness: int = 1
-    """how many policy versions generation may run ahead of training"""
+    max_staleness: int | Literal["auto"] = "auto"
+    """how many policy versions generation may run ahead of training. "auto": 0 where
+    the engines generate on the trainer's own compute (on CPU, or one GPU for both),
+    1 where they have GPUs of their own. Sharing compute, overlap saves little time
+    and staleness costs more learning than that (README, Time to quality)"""
     lr: float = 3e-5
     """AdamW learning rate (a 135M model learning an answer format in tens of steps)"""
     clip_low: float = 0.2
@@ -84,6 +87,12 @@ class AlgoConfig:
     ratio_level: Literal["token", "sequence"] = "token"
     """importance ratio per token (PPO/GRPO), or per sequence as the geometric mean of
     its tokens' ratios (GSPO; use small clip_low/clip_high, e.g. 3e-4/4e-4)"""
+    clip_against: Literal["behaviour", "proximal"] = "behaviour"
+    """what the PPO clip bounds: the ratio to the behaviour policy (the engine's
+    log-probs; a token whose ratio stale weights or the engine's numerics moved out of
+    the clip range gets no gradient), or the ratio to the weights this step began with,
+    the behaviour ratio only weighing each token (min(ratio, is_cap), no gradient):
+    decoupled PPO (trainer/loss.py)"""
     entropy_coef: float = 0.0
     """weight of an entropy bonus in the loss (loss - entropy_coef * entropy);
     loss/entropy is logged either way"""
@@ -391,7 +400,7 @@ class TrainerConfig:
             ("model.path", self.model.path != "", "must not be empty"),
             ("algo.group_size", algo.group_size >= 2, "must be >= 2 (advantages compare samples within a group)"),
             ("algo.groups_per_step", algo.groups_per_step >= 1, "must be >= 1"),
-            ("algo.max_staleness", algo.max_staleness >= 0, "must be >= 0"),
+            ("algo.max_staleness", algo.max_staleness == "auto" or algo.max_staleness >= 0, 'must be >= 0 or "auto"'),
             ("algo.lr", algo.lr > 0, "must be > 0"),
             ("algo.clip_low", 0 < algo.clip_low < 1, "must be 0 < clip_low < 1"),
             ("algo.clip_high", algo.clip_high > 0, "must be > 0"),
@@ -577,7 +586,9 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """`value` as the annotation `tp` asks, or ConfigError naming key, type and value.
 
-    Supported annotations: bool, int, float, str, Literal[...], list[X], X | None, and a dataclass (a mapping of its fields)."""
+    Supported annotations: bool, int, float, str, Literal[...], list[X], unions of these
+    (X | None, int | Literal["auto"]: the first member that takes the value), and a
+    dataclass (a mapping of its fields)."""
 
     def wrong() -> ConfigError:
         return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key=key)
@@ -586,13 +597,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
-        if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
-            return _coerce(value, inner, key)  # its own errors name the field
-        try:
-            return _coerce(value, inner, key)
-        except ConfigError:
-            raise wrong() from None
+        inner = [t for t in typing.get_args(tp) if t is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) and isinstance(value, Mapping):
+            return _coerce(value, inner[0], key)  # its own errors name the field
+        for member in inner:  # the first member that takes the value
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                pass
+        raise wrong()
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
             raise wrong()

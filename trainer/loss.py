@@ -2,8 +2,10 @@
 
 In an asynchronous trainer the samples come from the rollout (behaviour) policy, whose
 weights may be `max_staleness` versions old, and whose numerics (vLLM kernels, dtype)
-differ from the trainer's. So the PPO ratio is taken against the behaviour log-probs
-vLLM returned, and it is truncated at `is_cap` (truncated importance sampling).
+differ from the trainer's. So the ratio is taken against the behaviour log-probs vLLM
+returned, and it is truncated at `is_cap` (truncated importance sampling). Where the PPO
+clip applies is a choice (`clip_against`): to that same ratio, or to the policy's own
+change since the weights that began this step (decoupled PPO).
 """
 
 from __future__ import annotations
@@ -108,14 +110,28 @@ def policy_loss(
     norm: LossNorm | None = None,  # the whole batch's sizes; None: this batch is the whole
     loss_agg: str = "token_mean",
     ratio_level: str = "token",
+    clip_against: str = "behaviour",
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with truncated importance sampling; returns this
     batch's share of the batch loss (see `aggregate`) and stats.
 
-    Per token, with r the importance ratio and A its sequence's advantage:
+    Per token, with r the importance ratio (policy / behaviour) and A its sequence's
+    advantage, clip_against="behaviour":
         r_cap = min(r, is_cap)                                  # truncated IS ratio
         obj   = min(r_cap * A, clip(r_cap, 1 - clip_low, 1 + clip_high) * A)
         loss  = -aggregate(obj)                                 # loss_agg
+
+    clip_against="proximal" (decoupled PPO: Hilton et al. 2022, AReaL, Fu et al. 2025):
+    the behaviour policy only weighs the token, the clip bounds the change from the
+    proximal policy, the weights this step began with (pi_prox = sg[pi]: one optimizer
+    step per batch), with sg the stop-gradient:
+        w     = sg[min(r, is_cap)]                              # truncated IS weight
+        q     = pi / sg[pi]                                     # 1 in value
+        obj   = w * min(q * A, clip(q, 1 - clip_low, 1 + clip_high) * A)
+    Its gradient is w * A * grad(log pi) on every token: no token loses its gradient
+    because the engine's numerics or stale weights moved r out of the clip range, and a
+    token past the cap still counts, at weight is_cap (TRL's loss with num_iterations=1
+    and its vLLM importance-sampling correction; verl's with rollout IS).
 
     ratio_level="token": r = exp(logprobs - behaviour_logprobs), per token (PPO, GRPO).
     ratio_level="sequence": r = exp(mean over the sequence's tokens of that log-ratio),
@@ -124,15 +140,16 @@ def policy_loss(
     loss_agg=seq_mean_token_mean this is the paper's sequence objective. GSPO's clip
     ranges are small (3e-4, 4e-4): set clip_low/clip_high to match.
 
-    The cap matters for A < 0: there PPO's min picks the unclipped r * A, which grows
-    without bound as r grows (one stale or numerically off token could dominate a
-    step); capped, it is at most is_cap * |A| and carries no gradient (dual-clip PPO).
-    For A > 0 the upper clip already bounds it.
+    Against the behaviour policy, the cap matters for A < 0: there PPO's min picks the
+    unclipped r * A, which grows without bound as r grows (one stale or numerically off
+    token could dominate a step); capped, it is at most is_cap * |A| and carries no
+    gradient (dual-clip PPO). For A > 0 the upper clip already bounds it.
 
     Stats (Python floats, over masked tokens):
       clip_frac       tokens where the clipped term is strictly the smaller one, i.e.
                       the PPO clip bounds the objective and blocks the gradient:
                       r_cap > 1 + clip_high with A > 0, or r_cap < 1 - clip_low with A < 0
+                      (against the proximal policy q = 1: always 0)
       is_ratio_max    the largest raw (uncapped) ratio r
       is_capped_frac  tokens with r > is_cap
       approx_kl       mean of (r - 1) - log r with the token ratio: the k3 estimator of
@@ -154,10 +171,18 @@ def policy_loss(
     else:
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     ratio = torch.exp(ratio_log)  # [N, L]
-    capped = torch.clamp(ratio, max=is_cap)  # [N, L]
     adv = advantages.unsqueeze(-1).to(ratio.dtype)  # [N, 1]
-    unclipped_obj = capped * adv  # [N, L]
-    clipped_obj = torch.clamp(capped, 1.0 - clip_low, 1.0 + clip_high) * adv  # [N, L]
+    if clip_against == "behaviour":
+        capped = torch.clamp(ratio, max=is_cap)  # [N, L]
+        unclipped_obj = capped * adv  # [N, L]
+        clipped_obj = torch.clamp(capped, 1.0 - clip_low, 1.0 + clip_high) * adv  # [N, L]
+    elif clip_against == "proximal":
+        weight = torch.clamp(ratio.detach(), max=is_cap)  # [N, L]
+        proximal = torch.exp(ratio_log - ratio_log.detach())  # [N, L] 1 in value
+        unclipped_obj = weight * proximal * adv  # [N, L]
+        clipped_obj = weight * torch.clamp(proximal, 1.0 - clip_low, 1.0 + clip_high) * adv  # [N, L]
+    else:
+        raise ValueError(f"clip_against must be 'behaviour' or 'proximal', got {clip_against!r}")
     obj = torch.minimum(unclipped_obj, clipped_obj)  # [N, L]
     loss = -aggregate(obj, mask, loss_agg, norm)
 

@@ -163,7 +163,9 @@ class Trainer:
             self._saved_step = self.start_step
         self.step = self.start_step
         self._trim_metrics(self.output_dir / "metrics.jsonl", self.start_step)
-        self.queue = RolloutQueue(cfg.algo.max_staleness, cfg.algo.groups_per_step, version=version)
+        engine_devices = self._engine_devices()
+        self.max_staleness = self._max_staleness(engine_devices)
+        self.queue = RolloutQueue(self.max_staleness, cfg.algo.groups_per_step, version=version)
         # A prompt that cannot fit: a file task's rows are checked now (task.overlong=error
         # stops here, naming file:line), any other prompt when it is drawn.
         max_prompt_tokens = cfg.engine.max_model_len - cfg.gen.max_tokens
@@ -186,7 +188,6 @@ class Trainer:
             cfg, run_dir=self.output_dir, run_id=self.run_id, start_step=self.start_step,
             resumed=self.resumed_from is not None,
         )
-        engine_devices = self._engine_devices()
         sampling = SamplingSpec(
             group_size=cfg.algo.group_size,
             max_tokens=cfg.gen.max_tokens,
@@ -246,7 +247,10 @@ class Trainer:
             # generate anything (the workers apply their inbox while the gate is shut).
             self._sync_weights(version)
         self.supervisor.open_gate()
-        log.info("engines_ready", count=count, seconds=round(time.monotonic() - t0, 1), engine_dtype=str(self.engine_dtype))
+        log.info(
+            "engines_ready", count=count, seconds=round(time.monotonic() - t0, 1), engine_dtype=str(self.engine_dtype),
+            max_staleness=self.max_staleness,
+        )
 
     def _setup_policy(self) -> None:
         """Every rank: join the ranks, load the policy (and the reference), shard them,
@@ -346,6 +350,17 @@ class Trainer:
         trainer_gpus = set(range(self.world)) if self.world > 1 else {self.device.index or 0}
         others = [i for i in range(torch.cuda.device_count()) if i not in trainer_gpus]
         return others or [self.device.index or 0]  # one GPU: share it
+
+    def _max_staleness(self, engine_devices: list[int] | None) -> int:
+        """algo.max_staleness, "auto" resolved: 0 where the engines share the trainer's
+        compute (on CPU, or the trainer's one GPU), 1 where they have GPUs of their own."""
+        setting = self.cfg.algo.max_staleness
+        if setting != "auto":
+            return setting
+        shared = engine_devices is None or self.device.index in engine_devices or (
+            self.device.index is None and 0 in engine_devices
+        )
+        return 0 if shared else 1
 
     # ---- train ------------------------------------------------------------------------
 
@@ -566,6 +581,7 @@ class Trainer:
                 logprobs, sub.behaviour_logprobs, advantages, sub.completion_mask,
                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, is_cap=cfg.algo.is_cap,
                 norm=norm, loss_agg=cfg.algo.loss_agg, ratio_level=cfg.algo.ratio_level,
+                clip_against=cfg.algo.clip_against,
             )
             total = loss
             if entropy_coef != 0:  # an entropy bonus, aggregated like the loss

@@ -242,3 +242,28 @@ def test_instances_do_not_share_mutable_defaults():
     a, b = TrainerConfig(), TrainerConfig()
     a.apply_overrides(["run.steps=3"])
     assert b.run.steps == TrainerConfig().run.steps != 3
+
+
+def test_max_staleness_is_a_number_or_auto_resolved_by_where_the_engines_run():
+    import types
+
+    import torch
+
+    from trainer.trainer import Trainer
+
+    assert TrainerConfig().algo.max_staleness == "auto"
+    assert TrainerConfig.load(overrides=["algo.max_staleness=2"]).algo.max_staleness == 2
+    assert TrainerConfig.load(overrides=["algo.max_staleness=auto"]).algo.max_staleness == "auto"
+    with pytest.raises(ConfigError) as e:
+        TrainerConfig.load(overrides=["algo.max_staleness=soon"])
+    assert str(e.value) == "algo.max_staleness: expected int or one of 'auto', got 'soon' (str)"
+
+    def resolved(setting, device, engine_devices):
+        cfg = TrainerConfig.load(overrides=[f"algo.max_staleness={setting}"])
+        return Trainer._max_staleness(types.SimpleNamespace(cfg=cfg, device=torch.device(device)), engine_devices)
+
+    assert resolved("auto", "cpu", None) == 0  # CPU engines: the trainer's cores
+    assert resolved("auto", "cuda:0", [0]) == 0  # one GPU for both
+    assert resolved("auto", "cuda:0", [1, 2, 3]) == 1  # GPUs of their own: overlap
+    assert resolved("auto", "cuda:1", [0, 1]) == 0
+    assert resolved(2, "cpu", None) == 2  # a number is taken as it is

@@ -186,6 +186,28 @@ def test_gradient_flows_only_where_not_clipped():
     assert stats["is_ratio_max"] == pytest.approx(3.0)
 
 
+def test_clip_against_proximal_keeps_every_tokens_gradient_weighted_by_the_capped_ratio():
+    # The batch of test_gradient_flows_only_where_not_clipped, clipped against the
+    # proximal policy (decoupled PPO): the gradient of token t is -w_t * A / 8 with
+    # w = min(r, 2), including the tokens clipped or capped against the behaviour ratio.
+    #   row 0, A = 1:  w = [1, 1.5, 0.5, 2]   -> [-1, -1.5, -0.5, -2] / 8
+    #   row 1, A = -1: w = [0.5, 1.2, 1.5, 2] -> [0.5, 1.2, 1.5, 2] / 8
+    logprobs = torch.log(torch.tensor([[1.0, 1.5, 0.5, 3.0], [0.5, 1.2, 1.5, 3.0]])).requires_grad_(True)
+    loss, stats = policy_loss(logprobs, torch.zeros(2, 4), torch.tensor([1.0, -1.0]), torch.ones(2, 4), **CLIP,
+                              clip_against="proximal")
+    loss.backward()
+    expected = torch.tensor([[-1.0, -1.5, -0.5, -2.0], [0.5, 1.2, 1.5, 2.0]]) / 8
+    torch.testing.assert_close(logprobs.grad, expected)
+    # objective w * A: (1 + 1.5 + 0.5 + 2) - (0.5 + 1.2 + 1.5 + 2) = -0.2 -> loss 0.2 / 8
+    assert loss.item() == pytest.approx(0.025)
+    assert stats["clip_frac"] == 0.0  # the policy is its own proximal policy at the step's start
+    assert stats["is_capped_frac"] == pytest.approx(2 / 8)
+    assert stats["is_ratio_max"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="clip_against"):
+        policy_loss(logprobs, torch.zeros(2, 4), torch.tensor([1.0, -1.0]), torch.ones(2, 4), **CLIP,
+                    clip_against="old")
+
+
 def test_empty_mask_gives_zero_loss_not_nan():
     logprobs = torch.zeros(2, 3, requires_grad=True)
     loss, stats = policy_loss(logprobs, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.zeros(2, 3), **CLIP)
