@@ -79,7 +79,7 @@ VARIANTS = {
     "malloc_glibc": ["trainer.keep_freed_memory=false"],
     "no_dynamic_sampling": ["algo.filter_zero_std=false"],  # groups without reward spread batched (0.1 default)
     # decoupled PPO: the clip bounds the step's own change, the behaviour ratio only weighs
-    "proximal_clip": ["algo.clip_against=proximal"],
+    "proximal_clip": ["algo.max_staleness=1", "algo.clip_against=proximal"],
     "proximal_clip_staleness0": ["algo.clip_against=proximal", "algo.max_staleness=0"],
     "staleness0_entropy": ["algo.max_staleness=0", "algo.entropy_coef=0.005"],  # against entropy collapse
 }
