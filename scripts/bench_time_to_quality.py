@@ -37,7 +37,8 @@ for longer than that).
 Every finished run is appended to docs/time_to_quality_runs.jsonl (its job, seed, commit,
 machine, accuracy curve and speeds), so no run's numbers are lost with a log. With
 --reuse, a run whose job is recorded there for this machine (processor, cores, native
-bfloat16 or not) is not run again: the report takes the recorded one. With --deadline-s,
+bfloat16 or not) with the same settings (a changed default makes another job) is not
+run again: the report takes the recorded one. With --deadline-s,
 no run starts after that many seconds and the report covers the runs done or recorded
 (the table's "seeds" column says which each variant has). Together they let the grid
 (5-11 hours on a 2-core CPU) accumulate over several invocations:
