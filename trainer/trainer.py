@@ -357,9 +357,7 @@ class Trainer:
         setting = self.cfg.algo.max_staleness
         if setting != "auto":
             return setting
-        shared = engine_devices is None or self.device.index in engine_devices or (
-            self.device.index is None and 0 in engine_devices
-        )
+        shared = engine_devices is None or (self.device.index or 0) in engine_devices
         return 0 if shared else 1
 
     # ---- train ------------------------------------------------------------------------
