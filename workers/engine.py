@@ -430,9 +430,21 @@ def _with_descendants(processes) -> list[psutil.Process]:
 
 
 def _running(p: psutil.Process) -> bool:
-    # psutil.Process.is_running() also guards against a recycled PID.
+    """Whether any thread of the process is still alive.
+
+    A process's main thread can show as a zombie before the process is gone: under
+    SIGKILL it may exit first while another thread still unmaps GiBs (25 ms here under
+    load, seconds for an engine worker). vLLM's process manager then still finds
+    EngineCore alive and force-kills it (#15)."""
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        if not p.is_running():  # also guards against a recycled PID
+            return False
+        try:
+            # Our child (EngineCore): waitable once its last thread is gone; WNOWAIT
+            # leaves it to multiprocessing to reap.
+            return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:  # another's child (the engine's worker)
+            return p.status() != psutil.STATUS_ZOMBIE or p.num_threads() > 1
     except psutil.NoSuchProcess:
         return False
 
