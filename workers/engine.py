@@ -433,9 +433,9 @@ def _running(p: psutil.Process) -> bool:
     """Whether any thread of the process is still alive.
 
     A process's main thread can show as a zombie before the process is gone: under
-    SIGKILL it may exit first while another thread still unmaps GiBs (25 ms here under
-    load, seconds for an engine worker). vLLM's process manager then still finds
-    EngineCore alive and force-kills it (#15)."""
+    SIGKILL it may exit first while another thread still unmaps memory (25 ms for a
+    4 GiB process here under load). Taking that zombie for the end is the likely reason
+    vLLM's process manager once found EngineCore alive after us and force-killed it (#15)."""
     try:
         if not p.is_running():  # also guards against a recycled PID
             return False

@@ -2,7 +2,8 @@
 
 A process is gone when its last thread is, not when its main thread is: under SIGKILL
 the main thread of EngineCore can show as a zombie while another thread still unmaps its
-memory, and vLLM's process manager, called right after, then force-killed it (#15). Here
+memory; taking that for the end likely let vLLM's process manager, called right after,
+find it alive and force-kill it once (#15). Here
 the main thread leaves with pthread_exit while another thread sleeps, which holds that
 state for as long as the test needs.
 """
