@@ -445,15 +445,17 @@ def _become_subreaper() -> None:
 
 def _descendants(child_pid: int) -> list[int]:
     """This process's live descendants but the child (waited on without being reaped);
-    zombies reparented to this subreaper are reaped."""
+    ended processes reparented to this subreaper are reaped."""
     import psutil
+
+    from workers.processes import running
 
     found = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
             if p.pid == child_pid:
                 continue
-            if p.status() == psutil.STATUS_ZOMBIE:
+            if not running(p):
                 if p.ppid() == os.getpid():
                     os.waitpid(p.pid, os.WNOHANG)
                 continue
@@ -479,11 +481,13 @@ def _kill_process_group(pgid: int, launcher: int | None = None) -> list[int]:
     signalled (an engine orphaned by a killed child, say)."""
     import psutil
 
-    def running() -> list[int]:
+    from workers.processes import running
+
+    def group() -> list[int]:
         found = set(_descendants(pgid) if launcher is not None else ())
-        for p in psutil.process_iter(["status"]):
+        for p in psutil.process_iter():
             try:
-                if p.pid != pgid and os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                if p.pid != pgid and os.getpgid(p.pid) == pgid and running(p):
                     found.add(p.pid)
             except (OSError, psutil.Error):
                 pass
@@ -491,7 +495,7 @@ def _kill_process_group(pgid: int, launcher: int | None = None) -> list[int]:
 
     def wait_gone(seconds: float) -> list[int]:
         deadline = time.monotonic() + seconds
-        while (left := running()) and time.monotonic() < deadline:
+        while (left := group()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return left
 
@@ -499,7 +503,7 @@ def _kill_process_group(pgid: int, launcher: int | None = None) -> list[int]:
     # vLLM's EngineCore takes seconds to act on SIGTERM, and an orphaned one has no
     # work worth finishing: a short wait only.
     for sig, wait_s in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
-        left = running()
+        left = group()
         if not left:
             break
         try:

@@ -7,9 +7,8 @@ import stat
 import threading
 import time
 
-import psutil
-
 from trainer.tasks import Prompt
+from workers.processes import pid_running
 from workers.rewards import TransientRewardError
 
 
@@ -41,15 +40,8 @@ def run_threads() -> list[str]:
 
 
 def alive(pids) -> list[int]:
-    """The processes of `pids` still running (zombies count as gone)."""
-    found = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                found.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    """The processes of `pids` still running (a thread of theirs alive)."""
+    return [pid for pid in pids if pid_running(pid)]
 
 
 def tmp_leftovers() -> set[str]:

@@ -34,13 +34,13 @@ import pathlib
 import time
 from typing import Any, Iterator
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from trainer.errors import ConfigError
 from trainer.models import transformer_blocks
+from workers.processes import pid_running
 
 RANKS_DIR_ENV = "RLT_RANKS_DIR"  # where ranks write their failure records
 _POLL_S = 0.5  # how often a waiting rank checks its peers
@@ -117,13 +117,6 @@ def read_failure_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r.get("time", 0.0))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 @dataclasses.dataclass
 class Ranks:
     """This process's place among the training ranks. With one rank every method is a
@@ -192,7 +185,7 @@ class Ranks:
         while not self._store.check([key]):  # not store.wait: its timeouts log a warning each
             time.sleep(0.02)
             if time.monotonic() - checked > _POLL_S:
-                if not _alive(self._pids[0]):
+                if not pid_running(self._pids[0]):
                     raise PeerFailed(0, "rank 0 ended")
                 checked = time.monotonic()
         command = json.loads(self._store.get(key))
@@ -203,13 +196,13 @@ class Ranks:
     def check_peers(self) -> None:
         """Rank 0, between pieces of work: raise PeerFailed if a follower is gone."""
         for r, pid in self._pids.items():
-            if r != self.rank and not _alive(pid):
+            if r != self.rank and not pid_running(pid):
                 raise PeerFailed(r, f"rank {r} (pid {pid}) ended")
 
     def wait_for_main_exit(self, timeout_s: float) -> None:
         """A follower told to stop: exit after rank 0, so rank 0's last log line is the run's."""
         deadline = time.monotonic() + timeout_s
-        while _alive(self._pids[0]) and time.monotonic() < deadline:
+        while pid_running(self._pids[0]) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     # ---- collectives ------------------------------------------------------------------

@@ -29,6 +29,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from workers.hardware import engine_dtype
+from workers.processes import running
 from workers import shm
 from workers.shm import SharedWeightsHandle
 from workers.weight_sync import SHM_BACKEND, WORKER_EXTENSION
@@ -306,7 +307,7 @@ class Engine:
         """Never blocks: the dead flag vLLM's monitor sets, and the processes themselves."""
         if self._closed or self._internals.engine_dead():
             return False
-        return all(_running(p) for p in self._processes)
+        return all(running(p) for p in self._processes)
 
     def _raise_if_dead(self) -> None:
         # vLLM would block forever in a call made after the engine died (a watchdog's
@@ -429,26 +430,6 @@ def _with_descendants(processes) -> list[psutil.Process]:
     return found
 
 
-def _running(p: psutil.Process) -> bool:
-    """Whether any thread of the process is still alive.
-
-    A process's main thread can show as a zombie before the process is gone: under
-    SIGKILL it may exit first while another thread still unmaps memory (25 ms for a
-    4 GiB process here under load). Taking that zombie for the end is the likely reason
-    vLLM's process manager once found EngineCore alive after us and force-killed it (#15)."""
-    try:
-        if not p.is_running():  # also guards against a recycled PID
-            return False
-        try:
-            # Our child (EngineCore): waitable once its last thread is gone; WNOWAIT
-            # leaves it to multiprocessing to reap.
-            return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-        except ChildProcessError:  # another's child (the engine's worker)
-            return p.status() != psutil.STATUS_ZOMBIE or p.num_threads() > 1
-    except psutil.NoSuchProcess:
-        return False
-
-
 # A SIGKILLed process is gone as soon as the kernel has torn it down, which for an engine
 # worker holding GiBs took over 1 s on this 2-core machine under load. Returns at once
 # when they are gone.
@@ -456,10 +437,10 @@ _KILL_WAIT_S = 5.0
 
 
 def _signal_and_wait(processes: list[psutil.Process], send, deadline: float) -> list[psutil.Process]:
-    # Polls _running, not psutil.wait_procs: the engine's worker is EngineCore's child,
+    # Polls running, not psutil.wait_procs: the engine's worker is EngineCore's child,
     # not ours, so once dead it stays a zombie that wait_procs counts as alive until
     # its timeout.
-    alive = [p for p in processes if _running(p)]
+    alive = [p for p in processes if running(p)]
     for p in alive:
         try:
             send(p)
@@ -467,5 +448,5 @@ def _signal_and_wait(processes: list[psutil.Process], send, deadline: float) -> 
             pass
     while alive and time.monotonic() < deadline:
         time.sleep(0.02)
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if running(p)]
     return alive

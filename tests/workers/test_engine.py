@@ -8,11 +8,11 @@ import stat
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from tests.helpers import alive
 from trainer.models import load_policy
 from trainer.policy import EngineWeights, weights_to_bytes
 from workers.engine import Engine
@@ -91,8 +91,8 @@ class Caller(threading.Thread):
 
 
 def assert_all_gone(pids):
-    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"engine processes left: {alive}"
+    left = alive(pids)
+    assert not left, f"engine processes left: {left}"
 
 
 def test_sigkill_mid_generation_unblocks_step(tiny_model_path):

@@ -6,7 +6,6 @@ import pickle
 import threading
 import time
 
-import psutil
 import pytest
 from structlog.testing import capture_logs
 
@@ -97,7 +96,7 @@ def test_a_stuck_call_in_the_process_executor_kills_the_process():
         (pid,) = p.process_pids()
         with pytest.raises(RewardTimeout):
             wait(score, timeout=120)
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert helpers.alive([pid]) == []
         assert p.stats["abandoned_threads"] == 0
     finally:
         p.shutdown()
@@ -118,7 +117,7 @@ def test_process_executor_computes_values_and_survives_a_crashing_reward():
     finally:
         p.shutdown()
     time.sleep(0.2)
-    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in pids)
+    assert helpers.alive(pids) == []
 
     crash = pool(RewardFunction("crash", helpers.crash_process_reward), executor="process", workers=1, max_attempts=2, wait_s=0.01)
     try:
