@@ -83,6 +83,9 @@ VARIANTS = {
     "proximal_clip": ["algo.max_staleness=1", "algo.clip_against=proximal"],
     "proximal_clip_staleness0": ["algo.clip_against=proximal", "algo.max_staleness=0"],
     "staleness0_entropy": ["algo.max_staleness=0", "algo.entropy_coef=0.005"],  # against entropy collapse
+    # against the late declines, not run yet: a decaying learning rate, a KL leash to the initial policy
+    "lr_cosine": ["algo.lr_schedule=cosine"],
+    "kl_ref": ["algo.kl_coef=0.04"],
 }
 # TRL's GRPOTrainer on the same job (scripts/trl_job.py), its arguments per variant.
 TRL_VARIANTS = {
@@ -163,6 +166,10 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         "train_s": statistics.median(train_s) if train_s else None,
         "rows": statistics.fmean(rows) if rows else None,  # trained rows per step
         "tokens_per_s": statistics.median(rates) if rates else None,  # training speed, whatever the rows
+        # What a late decline of accuracy looks like (README, Time to quality): the
+        # policy's entropy per step (null: no token trained), pass@k per evaluation.
+        "entropy": [s.get(M.LOSS_ENTROPY) for s in steps],
+        "pass_at_k": [e.get(M.EVAL_PASS_AT_K) for e in evals],
     }
 
 

@@ -19,6 +19,7 @@ from workers.worker import RolloutGroup
 
 G = 4
 LR = 1e-4
+WARMUP = 4  # the step (step 0) trains at LR / WARMUP: every rank must apply the schedule
 
 
 def fixed_groups() -> list[RolloutGroup]:
@@ -44,7 +45,7 @@ def fixed_groups() -> list[RolloutGroup]:
 def main(out: str) -> None:
     cfg = TrainerConfig.load(None, [
         "model.path=tiny", "trainer.dtype=float32", f"algo.group_size={G}", "algo.groups_per_step=5",
-        "algo.micro_batch_size=3", f"algo.lr={LR}", "gen.temperature=1.0",
+        "algo.micro_batch_size=3", f"algo.lr={LR}", f"algo.lr_warmup_steps={WARMUP}", "gen.temperature=1.0",
         f"trainer.ranks={os.environ.get('WORLD_SIZE', 1)}",
     ])
     trainer = Trainer(cfg)

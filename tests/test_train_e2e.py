@@ -86,6 +86,8 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path, monkeypatch
         after = torch.log_softmax(trainer.policy(input_ids=seq).logits, -1)
     assert (before - after).abs().max().item() > 1e-1
     assert history[-1][M.LOSS_GRAD_NORM] > 0
+    assert [h[M.OPTIM_LR] for h in history] == [1e-2] * 3  # algo.lr_schedule=constant
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2]
     # Each step's weights reached the engine but the last one's: with no evaluation after
     # it, nothing would generate from them (the engine stopped when the batch was taken).
     assert [w.stats["weight_loads"] for w in trainer.supervisor.workers] == [2]

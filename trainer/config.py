@@ -71,6 +71,14 @@ class AlgoConfig:
     and staleness costs more learning than that (README, Time to quality)"""
     lr: float = 3e-5
     """AdamW learning rate (a 135M model learning an answer format in tens of steps)"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning rate after warm-up: constant, or decayed over run.steps to
+    lr * lr_min_ratio, linearly or along a half cosine (`AlgoConfig.lr_at`)"""
+    lr_warmup_steps: int = 0
+    """steps over which the learning rate rises linearly to algo.lr (step k of them:
+    lr * (k + 1) / lr_warmup_steps)"""
+    lr_min_ratio: float = 0.0
+    """where linear and cosine decay end, as a fraction of algo.lr"""
     clip_low: float = 0.2
     """PPO clip: the ratio is clipped below at 1 - clip_low"""
     clip_high: float = 0.28
@@ -123,6 +131,19 @@ class AlgoConfig:
     """a step whose loss or gradient norm is NaN or infinite is skipped (the weights stay
     as they are, `step_skipped_nonfinite` is logged); this many such steps in a row fail
     the run"""
+
+    def lr_at(self, step: int, steps: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) of a run of `steps`: a
+        function of the step alone, so a resumed run continues the schedule exactly.
+        The decay runs from the end of warm-up to `steps` (a run extended past it stays
+        at the end value), HF's convention: the last step is not at the end value."""
+        if step < self.lr_warmup_steps:
+            return self.lr * (step + 1) / self.lr_warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.lr_warmup_steps) / max(1, steps - self.lr_warmup_steps))
+        left = 1 - progress if self.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.lr_min_ratio + (1 - self.lr_min_ratio) * left)
 
 
 @dataclasses.dataclass
@@ -402,6 +423,8 @@ class TrainerConfig:
             ("algo.groups_per_step", algo.groups_per_step >= 1, "must be >= 1"),
             ("algo.max_staleness", algo.max_staleness == "auto" or algo.max_staleness >= 0, 'must be >= 0 or "auto"'),
             ("algo.lr", algo.lr > 0, "must be > 0"),
+            ("algo.lr_warmup_steps", algo.lr_warmup_steps >= 0, "must be >= 0"),
+            ("algo.lr_min_ratio", 0 <= algo.lr_min_ratio <= 1, "must be 0 <= lr_min_ratio <= 1"),
             ("algo.clip_low", 0 < algo.clip_low < 1, "must be 0 < clip_low < 1"),
             ("algo.clip_high", algo.clip_high > 0, "must be > 0"),
             ("algo.is_cap", algo.is_cap >= 1, "must be >= 1"),

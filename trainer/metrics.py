@@ -1,7 +1,7 @@
 """Metric names (their one home) and the per-step metrics record.
 
 Names are grouped by prefix, CleanRL style: `reward/`, `loss/`, `completion/`,
-`capacity/`, `staleness/`, `perf/`, `eval/`. The step log event, the eval event,
+`capacity/`, `staleness/`, `perf/`, `optim/`, `eval/`. The step log event, the eval event,
 `metrics.jsonl`, the trackers and the plots all use these constants.
 """
 
@@ -24,6 +24,7 @@ LOSS_IS_RATIO_MAX = "loss/is_ratio_max"
 LOSS_IS_CAPPED_FRAC = "loss/is_capped_frac"
 LOSS_APPROX_KL = "loss/approx_kl"
 LOSS_GRAD_NORM = "loss/grad_norm"
+OPTIM_LR = "optim/lr"  # the step's learning rate (algo.lr_schedule, algo.lr_warmup_steps)
 COMPLETION_MEAN_LEN = "completion/mean_len"
 COMPLETION_CLIPPED_FRAC = "completion/clipped_frac"
 CAPACITY_FREE = "capacity/free"
@@ -117,6 +118,7 @@ STEP_RECORD_KEYS = (
     LOSS_GRAD_NORM,
     LOSS_ENTROPY,
     LOSS_NONFINITE_SKIPPED,
+    OPTIM_LR,
     MISMATCH_LOGPROB_DIFF_MEAN,
     MISMATCH_LOGPROB_DIFF_MAX,
     MISMATCH_IS_RATIO_MEAN,

@@ -531,6 +531,7 @@ class Trainer:
         stats = {
             M.LOSS_POLICY: 0.0, M.LOSS_CLIP_FRAC: 0.0, M.LOSS_IS_RATIO_MAX: 0.0, M.LOSS_IS_CAPPED_FRAC: 0.0,
             M.LOSS_APPROX_KL: 0.0, M.LOSS_GRAD_NORM: 0.0, M.LOSS_NONFINITE_SKIPPED: 0,
+            M.OPTIM_LR: cfg.algo.lr_at(self.step, cfg.run.steps),
             **{name: None for name in M.NULLABLE_KEYS},  # null when no token is trained
         }
         if kl_coef != 0:
@@ -658,6 +659,8 @@ class Trainer:
             stats[M.LOSS_NONFINITE_SKIPPED] = 1
             return stats
         self._nonfinite_in_a_row = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = stats[M.OPTIM_LR]
         self.optimizer.step()
         return stats
 

@@ -160,6 +160,8 @@ def test_wrong_type_in_yaml_file(tmp_path):
         ("task.name=jsonl", "task.path", "is required when task.name is jsonl"),
         ("trainer.device=gpu", "trainer.device", '"cuda:N"'),
         ("gen.max_tokens=1024", "gen.max_tokens", "< engine.max_model_len (1024)"),
+        ("algo.lr_warmup_steps=-1", "algo.lr_warmup_steps", ">= 0"),
+        ("algo.lr_min_ratio=1.5", "algo.lr_min_ratio", "0 <= lr_min_ratio <= 1"),
     ],
 )
 def test_out_of_range_names_key_and_rule(override, key, rule):
@@ -267,3 +269,20 @@ def test_max_staleness_is_a_number_or_auto_resolved_by_where_the_engines_run():
     assert resolved("auto", "cuda:0", [1, 2, 3]) == 1  # GPUs of their own: overlap
     assert resolved("auto", "cuda:1", [0, 1]) == 0
     assert resolved(2, "cpu", None) == 2  # a number is taken as it is
+
+
+def lrs(*overrides, steps=5):
+    algo = TrainerConfig.load(None, ["algo.lr=1.0", *overrides]).algo
+    return [round(algo.lr_at(step, steps), 6) for step in range(steps)]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor_over_the_run():
+    assert lrs() == [1.0] * 5  # the default: constant
+    assert lrs("algo.lr_warmup_steps=2") == [0.5, 1.0, 1.0, 1.0, 1.0]
+    # Decay from the end of warm-up over the rest of the run (HF's convention: the last
+    # step is one short of the floor); a run extended past run.steps stays at the floor.
+    assert lrs("algo.lr_schedule=linear", "algo.lr_warmup_steps=1") == [1.0, 1.0, 0.75, 0.5, 0.25]
+    assert lrs("algo.lr_schedule=linear", "algo.lr_min_ratio=0.2") == [1.0, 0.84, 0.68, 0.52, 0.36]
+    assert lrs("algo.lr_schedule=cosine") == [1.0, 0.904508, 0.654508, 0.345492, 0.095492]
+    algo = TrainerConfig.load(None, ["algo.lr=1.0", "algo.lr_schedule=cosine", "algo.lr_min_ratio=0.1"]).algo
+    assert algo.lr_at(5, 5) == algo.lr_at(50, 5) == pytest.approx(0.1)
