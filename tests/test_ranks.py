@@ -39,10 +39,11 @@ def test_two_ranks_take_the_same_optimizer_step_as_one(tmp_path):
     before = dict(load_policy(resolve_model_path("tiny"))[0].named_parameters())
     moved = max((one[k] - before[k].detach()).abs().max().item() for k in one)
     # The step changed the weights, at the warm-up's learning rate: AdamW's first step
-    # moves a weight by lr * g / (|g| + eps), at most lr ...
+    # moves a weight by lr * g / (|g| + eps), at most lr (give or take float32's rounding
+    # of weights near 1: 0.13% of this lr was seen) ...
     lr = LR / WARMUP
     assert one_stats["optim/lr"] == two_stats["optim/lr"] == pytest.approx(lr)
-    assert lr * 0.99 < moved <= lr * 1.001
+    assert lr * 0.99 < moved < lr * 1.01
     # ... the same way with two ranks (a rank that missed the schedule would step its
     # shard by LR). AdamW's first step is lr * g / (|g| + eps): where a
     # gradient is about as small as eps (1e-8), the rounding that differs with the order
