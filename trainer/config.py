@@ -134,7 +134,7 @@ class AlgoConfig:
 
     def lr_at(self, step: int, steps: int) -> float:
         """The learning rate of optimizer step `step` (0-based) of a run of `steps`: a
-        function of the step alone, so a resumed run continues the schedule exactly.
+        function of these two alone, so a resumed run continues the schedule exactly.
         The decay runs from the end of warm-up to `steps` (a run extended past it stays
         at the end value), HF's convention: the last step is not at the end value."""
         if step < self.lr_warmup_steps:
