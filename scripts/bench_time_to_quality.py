@@ -83,7 +83,8 @@ VARIANTS = {
     "proximal_clip": ["algo.max_staleness=1", "algo.clip_against=proximal"],
     "proximal_clip_staleness0": ["algo.clip_against=proximal", "algo.max_staleness=0"],
     "staleness0_entropy": ["algo.max_staleness=0", "algo.entropy_coef=0.005"],  # against entropy collapse
-    # against the late declines, not run yet: a decaying learning rate, a KL leash to the initial policy
+    # against the late declines (README, Time to quality: neither stopped them): a decaying
+    # learning rate, a KL leash to the initial policy
     "lr_cosine": ["algo.lr_schedule=cosine"],
     "kl_ref": ["algo.kl_coef=0.04"],
 }
