@@ -168,9 +168,13 @@ def run_one(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         "rows": statistics.fmean(rows) if rows else None,  # trained rows per step
         "tokens_per_s": statistics.median(rates) if rates else None,  # training speed, whatever the rows
         # What a late decline of accuracy looks like (README, Time to quality): the
-        # policy's entropy per step (null: no token trained), pass@k per evaluation.
+        # policy's entropy per step (null: no token trained), pass@k per evaluation, and
+        # per step the rows trained (8 per group with reward spread) and the gradient's
+        # norm before clipping.
         "entropy": [s.get(M.LOSS_ENTROPY) for s in steps],
         "pass_at_k": [e.get(M.EVAL_PASS_AT_K) for e in evals],
+        "step_rows": [s.get(M.PERF_TRAIN_ROWS) for s in steps],
+        "grad_norm": [s.get(M.LOSS_GRAD_NORM) for s in steps],
     }
 
 

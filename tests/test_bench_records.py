@@ -87,3 +87,35 @@ def test_deadline_reports_what_ran_or_was_recorded(bench):
     assert "3 runs of the 4 asked for did not start (--deadline-s)." in body
     with pytest.raises(SystemExit, match="nothing to report"):
         bench("--variants", "staleness0", "--seeds", "0", "--steps", "3", "--reuse", "--deadline-s", "0")
+
+
+def test_a_run_record_keeps_what_a_decline_is_read_from(tmp_path, monkeypatch):
+    """run_one's record of a finished run: accuracy against training time (evaluation
+    time taken out), and per step the entropy, rows trained and gradient norm that
+    README's "Late-run declines" reads. The metrics file is what scripts/train.py writes;
+    the subprocess that would write it is replaced."""
+    from trainer import metrics as M
+
+    evals = [
+        {M.STEP: 0, M.EVAL_PASS_AT_1: 0.25, M.EVAL_PASS_AT_K: 0.5, M.PERF_EVAL_S: 4.0, M.PERF_ELAPSED_S: 10.0},
+        {M.STEP: 2, M.EVAL_PASS_AT_1: 0.75, M.EVAL_PASS_AT_K: 1.0, M.PERF_EVAL_S: 4.0, M.PERF_ELAPSED_S: 40.0},
+    ]
+    steps = [
+        {M.STEP: 0, M.PERF_STEP_S: 10.0, M.PERF_TRAIN_S: 6.0, M.PERF_TRAIN_ROWS: 32, M.PERF_TRAIN_TOKENS_PER_S: 300.0,
+         M.LOSS_ENTROPY: 2.5, M.LOSS_GRAD_NORM: 3.0},
+        {M.STEP: 1, M.PERF_STEP_S: 12.0, M.PERF_TRAIN_S: 2.0, M.PERF_TRAIN_ROWS: 8, M.PERF_TRAIN_TOKENS_PER_S: 200.0,
+         M.LOSS_ENTROPY: 0.1, M.LOSS_GRAD_NORM: 14.0},
+    ]
+    assert all(M.is_eval_record(e) for e in evals) and not any(M.is_eval_record(s) for s in steps)
+
+    def run(cmd, **kwargs):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [evals[0], *steps, evals[1]]))
+        return ttq.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ttq.subprocess, "run", run)
+    args = ttq.argparse.Namespace(model="tiny", steps=2, eval_every=2, eval_prompts=4, eval_samples=2)
+    got = ttq.run_one("default", [], 0, args, tmp_path)
+    assert got["curve"] == [(6.0, 0.25), (32.0, 0.75)]  # elapsed minus the evaluations so far
+    assert (got["step_s"], got["train_s"], got["rows"], got["tokens_per_s"]) == (11.0, 4.0, 20.0, 250.0)
+    assert got["entropy"] == [2.5, 0.1] and got["pass_at_k"] == [0.5, 1.0]
+    assert got["step_rows"] == [32, 8] and got["grad_norm"] == [3.0, 14.0]

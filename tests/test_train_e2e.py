@@ -5,6 +5,7 @@ import stat
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from trainer import Trainer, TrainerConfig
 from trainer import metrics as M
@@ -27,8 +28,9 @@ def tiny_config(tmp_path, model_path, *overrides):
             "gen.max_tokens=12",
             "engine.max_model_len=128",
             "engine.max_num_seqs=16",
-            "engine.dtype=float32",  # exact log-prob agreement with the float32 policy
-            "trainer.dtype=float32",  # (no bfloat16 autocast on a CPU that has it)
+            # Exact log-prob agreement with the policy: trainer.dtype=auto is float32
+            # beside a float32 engine, even on a CPU that computes bfloat16.
+            "engine.dtype=float32",
             *overrides,
         ],
     )
@@ -61,6 +63,7 @@ def test_three_steps_train_sync_and_drain(tmp_path, tiny_model_path, monkeypatch
     monkeypatch.setattr(TokenBatch, "build", staticmethod(recording_build))
     history, pids = fit_recording_engine_pids(trainer)
 
+    assert (trainer.dtype, trainer.autocast) == (torch.float32, None)
     assert [h[M.STEP] for h in history] == [0, 1, 2]
     assert [h[M.POLICY_VERSION] for h in history] == [1, 2, 3]
     # The policy moved away from the initial weights.
@@ -168,9 +171,10 @@ def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tin
 @pytest.mark.parametrize(
     "variant",
     [
-        # Dr.GRPO with GSPO's sequence ratio and an entropy bonus.
+        # Dr.GRPO with GSPO's sequence ratio and an entropy bonus, a mixed-precision
+        # trainer beside the float32 engine (it warns).
         ["algo.loss_agg=seq_mean_token_sum_norm", "algo.scale_rewards=none", "algo.ratio_level=sequence",
-         "algo.clip_low=3e-4", "algo.clip_high=4e-4", "algo.entropy_coef=0.01"],
+         "algo.clip_low=3e-4", "algo.clip_high=4e-4", "algo.entropy_coef=0.01", "trainer.dtype=mixed"],
         # The GRPO paper's aggregation with batch-scaled advantages, a KL penalty to the
         # initial policy, no dynamic sampling (on by default), and the decoupled clip.
         ["algo.loss_agg=seq_mean_token_mean", "algo.scale_rewards=batch", "algo.kl_coef=0.1",
@@ -181,8 +185,14 @@ def test_two_engines_generate_get_every_version_evaluate_and_track(tmp_path, tin
 def test_loss_variants_train_with_the_real_engine(tmp_path, tiny_model_path, variant):
     trainer = Trainer(tiny_config(tmp_path, tiny_model_path, "run.steps=2", *variant), task=LetterTask())
     initial = {k: v.clone() for k, v in trainer_weights(tiny_model_path).items()}
-    history = trainer.fit()
+    with capture_logs() as logs:
+        history = trainer.fit()
     assert [h[M.STEP] for h in history] == [0, 1]
+    differ = [e for e in logs if e["event"] == "trainer_engine_numerics_differ"]
+    if "trainer.dtype=mixed" in variant:
+        assert [(e["autocast"], e["engine_dtype"]) for e in differ] == [("torch.bfloat16", "torch.float32")]
+    else:
+        assert differ == [] and trainer.autocast is None
     for h in history:
         assert h[M.LOSS_NONFINITE_SKIPPED] == 0 and h[M.LOSS_ENTROPY] > 0 and h[M.LOSS_GRAD_NORM] > 0, h
     moved = [k for k, p in trainer.policy.named_parameters() if not torch.equal(initial[k], p.detach())]

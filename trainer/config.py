@@ -241,8 +241,10 @@ class TrainerDeviceConfig:
     dtype: Literal["auto", "mixed", "float32", "bfloat16", "float16"] = "auto"
     """policy dtype: "mixed": float32 weights and optimizer state, bfloat16 autocast
     compute (log-probs and loss in float32); "auto": mixed where the hardware computes
-    bfloat16 natively (GPUs that support it, CPUs with AVX512-BF16 or AMX), float32
-    elsewhere; a dtype name: the weights and compute in that dtype"""
+    bfloat16 natively (GPUs that support it, CPUs with AVX512-BF16 or AMX) and the
+    engines generate in bfloat16 (engine.dtype auto or bfloat16), float32 elsewhere
+    (beside a float32 engine a mixed trainer's policy drifts from the engine's:
+    trainer/policy.py resolve_dtype); a dtype name: the weights and compute in that dtype"""
     ranks: int = 1
     """training processes (torch.distributed, FSDP2: each holds a shard of the policy and
     its optimizer state). 1 trains in the launcher's child process. On GPUs rank r

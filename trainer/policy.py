@@ -330,12 +330,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+def resolve_dtype(name: str, device: torch.device, engine_dtype: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
     """(weights dtype, autocast dtype or None) for trainer.dtype: "mixed" is float32
-    weights with bfloat16 autocast; "auto" is mixed where the device computes bfloat16
-    natively, else float32; any other name is that dtype throughout."""
+    weights with bfloat16 autocast; any other name is that dtype throughout. "auto" is
+    mixed where the device computes bfloat16 natively and the engines generate in it
+    (engine.dtype `engine_dtype` is bfloat16, or auto: bfloat16 for a float32 model),
+    else float32.
+
+    Not mixed beside a float32 engine: the policy then learns through bfloat16 numerics
+    that the engine does not sample with, and the two drift apart until the PPO clip
+    drops a large share of the tokens (README, Time to quality: at staleness 0 every seed
+    of that pairing collapsed or declined late; the other way round, a bfloat16 engine
+    beside a float32 trainer, did not).
+    """
     if name == "auto":
-        name = "mixed" if bf16_native(device) else "float32"
+        name = "mixed" if bf16_native(device) and engine_dtype in ("auto", "bfloat16") else "float32"
     if name == "mixed":
         return torch.float32, torch.bfloat16
     return getattr(torch, name), None

@@ -97,7 +97,7 @@ class Trainer:
         self.stop_code = 0  # a follower rank: the exit code rank 0 gave it
         self.output_dir = pathlib.Path(cfg.run.output_dir)
         self.device = resolve_device(cfg.trainer.device, self.local_rank)
-        self.dtype, self.autocast = resolve_dtype(cfg.trainer.dtype, self.device)
+        self.dtype, self.autocast = resolve_dtype(cfg.trainer.dtype, self.device, cfg.engine.dtype)
         self.tokenizer = None  # loaded in setup()
         self.supervisor: Supervisor | None = None
         self.rewards: RewardPool | None = None
@@ -242,6 +242,14 @@ class Trainer:
         self.supervisor.wait_ready(cfg.engine.start_timeout_s, health_check=self._check_waiting, open_gate=False)
         self.engine_dtype = self.supervisor.workers[0].engine.dtype
         self.engine_weights = EngineWeights(self.engine_dtype)
+        if self.autocast is not None and self.engine_dtype != self.autocast:
+            # Learning through numerics the engines do not sample with (resolve_dtype).
+            log.warning(
+                "trainer_engine_numerics_differ", trainer_dtype=cfg.trainer.dtype, autocast=str(self.autocast),
+                engine_dtype=str(self.engine_dtype),
+                hint="trainer.dtype=auto or float32: with engine.dtype=float32, a mixed trainer's policy drifted "
+                "from the engine's and collapsed (README, Time to quality)",
+            )
         if self.resumed_from is not None:
             # The engines loaded the base model: they get the resumed policy before they
             # generate anything (the workers apply their inbox while the gate is shut).

@@ -23,8 +23,15 @@ def test_trainer_dtype_resolves_to_weights_and_autocast(monkeypatch):
     assert resolve_dtype("bfloat16", cpu) == (torch.bfloat16, None)
     monkeypatch.setattr(policy_mod, "bf16_native", lambda device: True)
     assert resolve_dtype("auto", cpu) == (torch.float32, torch.bfloat16)
+    assert resolve_dtype("auto", cpu, "bfloat16") == (torch.float32, torch.bfloat16)
+    # Beside an engine that does not generate in bfloat16 "auto" is float32 (a mixed
+    # trainer's policy drifts from a float32 engine's); asked for, mixed is kept.
+    assert resolve_dtype("auto", cpu, "float32") == (torch.float32, None)
+    assert resolve_dtype("auto", cpu, "float16") == (torch.float32, None)
+    assert resolve_dtype("mixed", cpu, "float32") == (torch.float32, torch.bfloat16)
     monkeypatch.setattr(policy_mod, "bf16_native", lambda device: False)
     assert resolve_dtype("auto", cpu) == (torch.float32, None)
+    assert resolve_dtype("auto", cpu, "bfloat16") == (torch.float32, None)
 
 
 def test_engine_dtype_auto_is_float32_on_a_cpu_that_emulates_bfloat16(monkeypatch):
