@@ -247,8 +247,8 @@ class Trainer:
             log.warning(
                 "trainer_engine_numerics_differ", trainer_dtype=cfg.trainer.dtype, autocast=str(self.autocast),
                 engine_dtype=str(self.engine_dtype),
-                hint="trainer.dtype=auto or float32: with engine.dtype=float32, a mixed trainer's policy drifted "
-                "from the engine's and collapsed (README, Time to quality)",
+                hint="trainer.dtype=float32, or engine.dtype=bfloat16: beside a float32 engine a mixed trainer's "
+                "policy drifted from the engine's until training collapsed (README, Time to quality)",
             )
         if self.resumed_from is not None:
             # The engines loaded the base model: they get the resumed policy before they
