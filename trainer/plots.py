@@ -138,7 +138,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     for ax in axes.flat:
         ax.set_xlabel("step")
     fig.suptitle(f"{run_dir.name}: {len(records)} steps" + (f", {len(evals)} evaluations" if evals else ""))
-    fig.tight_layout()
+    # Fixed margins, not tight_layout: that lays the figure out by drawing it once more
+    # (0.3 of 0.6 s), and the run's last seconds are spent here beside the final checkpoint.
+    fig.subplots_adjust(left=0.07, right=0.92, bottom=0.06, top=0.92, wspace=0.34, hspace=0.28)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png")  # bbox_inches stays off: the size is FIGSIZE_IN * DPI

@@ -4,10 +4,16 @@ detection, and loading that never runs pickled code."""
 import json
 import os
 import pickle
+import concurrent.futures
+import errno
+import hashlib
 import random
 import stat
+import zlib
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from structlog.testing import capture_logs
 
@@ -53,9 +59,9 @@ def test_save_writes_every_file_and_a_manifest_of_their_checksums(tmp_path):
     assert path == tmp_path / "checkpoints" / "step-00000004"
     assert sorted(p.name for p in path.iterdir()) == sorted([*ckpt.FILES, ckpt.MANIFEST])
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    assert manifest["step"] == 4 and set(manifest["files"]) == set(ckpt.FILES)
+    assert manifest["format"] == 2 and manifest["step"] == 4 and set(manifest["files"]) == set(ckpt.FILES)
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == ckpt._sha256(path / name)
+        assert entry["crc32"] == f"{zlib.crc32((path / name).read_bytes()):08x}", name
         assert entry["bytes"] == (path / name).stat().st_size > 0
     assert json.loads((path / ckpt.TRAINER_STATE).read_text()) == {"policy_version": 4, "step": 4}
     assert json.loads((path / ckpt.CONFIG).read_text()) == {"run": {"steps": 9}}
@@ -185,8 +191,8 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 @pytest.mark.parametrize(
     "damage, reason",
     [
-        (lambda p: _flip_byte(p / ckpt.MODEL), "model.safetensors: sha256"),
-        (lambda p: _flip_byte(p / ckpt.OPTIMIZER), "optimizer.pt: sha256"),
+        (lambda p: _flip_byte(p / ckpt.MODEL), "model.safetensors: crc32"),
+        (lambda p: _flip_byte(p / ckpt.OPTIMIZER), "optimizer.pt: crc32"),
         (lambda p: (p / ckpt.RNG).write_bytes((p / ckpt.RNG).read_bytes()[:-10]), "rng.pt has"),
         (lambda p: (p / ckpt.TRAINER_STATE).unlink(), "trainer_state.json is missing"),
         (lambda p: (p / ckpt.MANIFEST).unlink(), "no manifest.json"),
@@ -229,7 +235,7 @@ def test_loading_never_runs_pickled_code(tmp_path, monkeypatch):
     (path / ckpt.OPTIMIZER).write_bytes(pickle.dumps({"state": _Payload()}, protocol=2))
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
     manifest["files"][ckpt.OPTIMIZER] = {
-        "sha256": ckpt._sha256(path / ckpt.OPTIMIZER), "bytes": (path / ckpt.OPTIMIZER).stat().st_size,
+        "crc32": ckpt._crc32(path / ckpt.OPTIMIZER), "bytes": (path / ckpt.OPTIMIZER).stat().st_size,
     }
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     ckpt.verify_checkpoint(path)  # the checksums hold
@@ -249,3 +255,97 @@ def _flip_byte(path, offset=-1):
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_a_format_1_checkpoint_with_sha256_still_verifies_and_loads(tmp_path):
+    """Checkpoints saved before format 2 carry sha256 sums: they resume as they did."""
+    model, opt = trained_model()
+    path = save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["format"] = 1
+    for name, entry in manifest["files"].items():
+        entry.pop("crc32")
+        entry["sha256"] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.verify_checkpoint(path)["format"] == 1
+    fresh = TiedModel()
+    ckpt.load_checkpoint(path, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+    assert torch.equal(fresh.mid.weight, model.mid.weight)
+    _flip_byte(path / ckpt.OPTIMIZER)
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt: sha256"):
+        ckpt.verify_checkpoint(path)
+    manifest["format"] = 3
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="not a format-1/2 manifest"):
+        ckpt.verify_checkpoint(path)
+
+
+def _direct_write(path, pieces, chunk):
+    """pieces through a _DirectFile of `chunk`-byte buffers; its crc32."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with ckpt._DirectFile(path, pool, chunk) as file:
+            for piece in pieces:
+                assert file.write(piece) == len(piece)
+    return file.crc32
+
+
+@pytest.mark.parametrize("sizes", [[], [1], [4095, 1], [8192], [8193], [3, 20000, 5, 8191, 1]])
+def test_a_direct_file_holds_every_byte_written_and_their_crc32(tmp_path, monkeypatch, sizes):
+    """Across the boundaries of its 8 KiB buffers and of 4 KiB blocks; straight to the
+    disk where the file system allows it, through the page cache where it refuses (EINVAL)."""
+    data = [os.urandom(n) for n in sizes]
+    expected = b"".join(data)
+    opened, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: (opened.append(flags), real_open(p, flags, *a))[1])
+    crc = _direct_write(tmp_path / "direct", [memoryview(d) for d in data], chunk=8192)
+    assert (tmp_path / "direct").read_bytes() == expected
+    assert crc == f"{zlib.crc32(expected):08x}"
+    assert opened[0] & os.O_DIRECT  # this file system (the tests' tmp) takes O_DIRECT
+
+    def refuse_direct(p, flags, *a):
+        opened.append(flags)
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *a)
+
+    opened.clear()
+    monkeypatch.setattr(os, "open", refuse_direct)
+    crc = _direct_write(tmp_path / "buffered", data, chunk=8192)
+    assert (tmp_path / "buffered").read_bytes() == expected and crc == f"{zlib.crc32(expected):08x}"
+    assert [bool(f & os.O_DIRECT) for f in opened] == [True, False]
+
+
+def test_a_failed_write_fails_the_save_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt = trained_model()
+    good = save(tmp_path, 1, model, opt)
+
+    def full_disk(self, buffer, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt._DirectFile, "_write_out", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save(tmp_path, 2, model, opt)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+
+
+def test_the_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32_strided": torch.randn(4, 6).t(),  # not contiguous
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "i64": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+    }
+    with open(tmp_path / "m.safetensors", "wb") as f:
+        ckpt._write_safetensors(f, tensors, metadata={"format": "pt"})
+    loaded = safetensors.torch.load_file(str(tmp_path / "m.safetensors"))
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    with safetensors.safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(TypeError, match="c: dtype torch.complex64"):
+        ckpt._write_safetensors(open(tmp_path / "x", "wb"), {"c": torch.zeros(2, dtype=torch.complex64)}, {})
