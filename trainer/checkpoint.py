@@ -223,7 +223,7 @@ def _state_names(model: torch.nn.Module) -> set[str]:
 
 def follow_umask(path: pathlib.Path) -> None:
     """Give a file (0666) or directory (0777) the mode the umask makes of it: for what
-    was created with a fixed one (mkdtemp's 0700, safetensors' 0600)."""
+    was created with a fixed one (mkdtemp's 0700, a library's 0600)."""
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
@@ -330,13 +330,14 @@ class _DirectFile:
     """A large file written past the page cache (O_DIRECT), with its CRC-32: what write()
     gets is copied into one of two aligned buffers; each full one is checksummed and
     handed to a pool thread that writes it while the other fills; close (leaving the
-    `with`) writes the rest and sets `crc32`. The file is durable then (O_DIRECT plus fsync for the metadata).
+    `with`) writes the rest, fsyncs (the metadata) and sets `crc32`.
 
     Why: a buffered write first needs as many free pages as the file has bytes. On the
     VM that measured it (Firecracker, free pages returned to the host) SmolLM2's 1.6 GB
-    took 1.9 s to reach the page cache and then an fsync; straight to the disk it is
-    1.1-1.3 GB/s whatever the memory's state. Where the file system refuses O_DIRECT
-    (EINVAL: tmpfs on older kernels, some FUSE) the same code writes through the page cache."""
+    took 1.9 s to reach the page cache, before its fsync; straight to the disk the two
+    files take 1.15-1.2 s, whatever the memory's state. Where the file system refuses
+    O_DIRECT (EINVAL: tmpfs on older kernels, some FUSE) the same code writes through the
+    page cache."""
 
     ALIGN = 4096  # O_DIRECT: offsets, lengths and addresses multiples of the block size
 

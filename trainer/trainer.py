@@ -807,7 +807,7 @@ class Trainer:
             self.policy.generation_config.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         for path in out.iterdir():
-            ckpt.follow_umask(path)  # safetensors writes 0600
+            ckpt.follow_umask(path)  # whatever the libraries that wrote them chose
         log.info("model_saved", path=str(out))
 
     # ---- cleanup ----------------------------------------------------------------------
