@@ -128,9 +128,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_the_latest(tmp_p
     monkeypatch.setattr(ckpt, "_write_bytes", crash_at_the_manifest)
     with pytest.raises(OSError, match="No space"):
         save(tmp_path, 2, model, opt)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # cleaned up on the way out
-    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+    _only_the_first_is_left(tmp_path, good)  # its temporary directory cleaned up on the way out
 
     # A process killed mid-save cannot clean up: its temporary directory is ignored,
     # and removed by the next save.
@@ -174,9 +172,7 @@ def test_every_file_is_on_disk_before_the_manifest_and_a_failed_fsync_fails_the_
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
         save(tmp_path, 2, model, opt)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+    _only_the_first_is_left(tmp_path, good)
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
@@ -249,6 +245,14 @@ def test_weights_for_another_model_are_refused(tmp_path):
     path = save(tmp_path, 1)
     with pytest.raises(ckpt.CheckpointError, match="do not fit the model"):
         ckpt.load_checkpoint(path, torch.nn.Linear(8, 8))
+
+
+def _only_the_first_is_left(tmp_path, good):
+    """After a failed save of step 2: the checkpoint of step 1 (`good`) is the only and
+    the latest valid one, and no temporary directory is left."""
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert ckpt.latest_valid_checkpoint(tmp_path) == good
 
 
 def _flip_byte(path, offset=-1):
@@ -325,9 +329,7 @@ def test_a_failed_write_fails_the_save_and_leaves_the_previous_checkpoint(tmp_pa
     monkeypatch.setattr(ckpt._DirectFile, "_write_out", full_disk)
     with pytest.raises(OSError, match="No space"):
         save(tmp_path, 2, model, opt)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+    _only_the_first_is_left(tmp_path, good)
 
 
 def test_the_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
