@@ -139,7 +139,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         ax.set_xlabel("step")
     fig.suptitle(f"{run_dir.name}: {len(records)} steps" + (f", {len(evals)} evaluations" if evals else ""))
     # Fixed margins, not tight_layout: that lays the figure out by drawing it once more
-    # (0.3 of 0.6 s), and the run's last seconds are spent here beside the final checkpoint.
+    # (0.41 s against 0.30 s here), and a run ends with it beside the final checkpoint.
     fig.subplots_adjust(left=0.07, right=0.92, bottom=0.06, top=0.92, wspace=0.34, hspace=0.28)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
