@@ -148,7 +148,8 @@ class Trainer:
             if init["warm_up"]:
                 warm_up_optimizer(self.optimizer)
             if init["checkpoint"] is not None:
-                ckpt.load_checkpoint(init["checkpoint"], self.policy, self.optimizer, self.device)
+                # rank 0 verified it (_checkpoint_to_resume) before it sent the path
+                ckpt.load_checkpoint(init["checkpoint"], self.policy, self.optimizer, self.device, verified=True)
             return
         if self.task is None:
             self.task = build_task(cfg.task, cfg.run.seed)
@@ -315,7 +316,7 @@ class Trainer:
     def _resume(self, path: pathlib.Path) -> None:
         """Load the checkpoint's weights, optimizer state and RNGs (its trainer state was
         read before the engines started)."""
-        state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.device)
+        state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.device, verified=True)  # _checkpoint_to_resume did
         ckpt.set_rng_state(state["rng"])
         changed = _changed_keys(state["config"], self.cfg.to_dict())
         if changed:

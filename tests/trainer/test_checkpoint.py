@@ -351,3 +351,18 @@ def test_the_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
         assert f.metadata() == {"format": "pt"}
     with pytest.raises(TypeError, match="c: dtype torch.complex64"):
         ckpt._write_safetensors(open(tmp_path / "x", "wb"), {"c": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
+def test_a_checkpoint_verified_by_the_caller_is_not_read_again_for_its_checksums(tmp_path):
+    """load_checkpoint(verified=True) trusts the caller's verification: a manifest whose
+    sum no longer matches still loads that way, and is refused without it."""
+    model, opt = trained_model()
+    path = save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.MODEL]["crc32"] = "00000000"
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: crc32"):
+        ckpt.load_checkpoint(path, TiedModel())
+    fresh = TiedModel()
+    ckpt.load_checkpoint(path, fresh, verified=True)
+    assert torch.equal(fresh.mid.weight, model.mid.weight)

@@ -90,7 +90,9 @@ def fit_recording(trainer):
     return per_step
 
 
-def test_resume_trains_the_same_prompts_per_step_and_ends_with_the_same_weights(tmp_path, tiny_model_path, fake_engine):
+def test_resume_trains_the_same_prompts_per_step_and_ends_with_the_same_weights(
+    tmp_path, tiny_model_path, fake_engine, monkeypatch
+):
     ref = Trainer(config(tmp_path / "ref", tiny_model_path, "run.steps=3"), task=LetterTask())
     ref_steps = fit_recording(ref)
     assert ref_steps == {k: [2 * k, 2 * k + 1] for k in range(3)}
@@ -102,9 +104,14 @@ def test_resume_trains_the_same_prompts_per_step_and_ends_with_the_same_weights(
     (run / "checkpoints" / "step-00000002").rename(run / "checkpoints" / ".tmp-step-00000002-killed")
 
     FakeEngine.instances = []
+    summed, real_crc32 = [], ckpt._crc32
+    monkeypatch.setitem(ckpt._CHECKSUMS, "crc32", lambda p: (summed.append(p), real_crc32(p))[1])
     resumed = Trainer(config(run, tiny_model_path, "run.steps=3"), task=LetterTask())
     with capture_logs() as logs:
         second = fit_recording(resumed)
+    # Its files were read once for their checksums, when it was chosen; not again to load.
+    step_1 = run / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in summed if p.parent == step_1) == sorted(ckpt.FILES)
     (event,) = [e for e in logs if e["event"] == "resumed"]
     assert event["checkpoint_step"] == 1 and event["policy_version"] == 1
     assert {**{k: v for k, v in first.items() if k < 1}, **second} == ref_steps
