@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import hashlib
 import errno
+import hashlib
+import io
 import json
 import mmap
 import os
@@ -160,10 +161,12 @@ def save_checkpoint(
             with _DirectFile(tmp / OPTIMIZER, pool) as f, _no_torch_crc32():
                 torch.save(optimizer_state, f)
             checksums[OPTIMIZER] = f.crc32
-        _torch_save(rng_state(), tmp / RNG)
-        _write_bytes(tmp / TRAINER_STATE, _json_bytes({**trainer_state, "step": step}))
-        _write_bytes(tmp / CONFIG, _json_bytes(config))
-        checksums.update({f: _crc32(tmp / f) for f in (RNG, TRAINER_STATE, CONFIG)})
+        rng = io.BytesIO()
+        torch.save(rng_state(), rng)
+        small = {RNG: rng.getvalue(), TRAINER_STATE: _json_bytes({**trainer_state, "step": step}), CONFIG: _json_bytes(config)}
+        for f, data in small.items():  # checksummed in memory, not read back
+            _write_bytes(tmp / f, data)
+            checksums[f] = f"{zlib.crc32(data):08x}"
         files = {f: {"crc32": checksums[f], "bytes": (tmp / f).stat().st_size} for f in FILES}
         manifest = {
             "format": FORMAT,
@@ -283,13 +286,6 @@ def _remove_stale_temporaries(root: pathlib.Path) -> None:
     # Left by a save or delete that was killed midway; one writer per output_dir.
     for p in root.glob(".tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _torch_save(obj: Any, path: pathlib.Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _no_torch_crc32():
